@@ -1,0 +1,248 @@
+"""Contracts between flywheel steps: small records and URIs, never big data."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SPLITS = ("train", "eval", "holdout")
+PolicyVersion = Literal["v1", "v2"]
+POLICY_VERSIONS: tuple[str, ...] = ("v1", "v2")
+
+
+class Intent(StrEnum):
+    """Customer-support intents the corpus covers."""
+
+    returns = "returns"
+    refunds = "refunds"
+    shipping_time = "shipping_time"
+    shipping_fee = "shipping_fee"
+    order_status = "order_status"
+    warranty = "warranty"
+    account = "account"
+    cancellation = "cancellation"
+    payment = "payment"
+    exchange = "exchange"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SFTRow(_Record):
+    """One supervised fine-tuning example (the JSONL row format of every dataset)."""
+
+    id: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+    intent: Intent
+    policy_version: PolicyVersion
+    facts: list[str] = Field(description="Exact fact strings the response must contain.")
+    source: str = Field(description="Where the row came from: corpus/<intent>/<template> or feedback:<id>.")
+
+
+SFT_COLUMNS: tuple[str, ...] = tuple(SFTRow.model_fields)
+
+
+class DatasetRef(_Record):
+    """A content-addressed dataset snapshot: one JSONL file per split under ``uri``."""
+
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: int = Field(ge=0)
+    splits: dict[str, int]
+    created_at: datetime
+    parents: list[str] = Field(default_factory=list, description="sha256 of parent snapshots.")
+    feedback_ids: list[str] = Field(default_factory=list)
+    policy_version: str | None = None
+
+
+class ExpectationResult(_Record):
+    """The outcome of one data expectation."""
+
+    name: str
+    expectation: str = Field(description="GX expectation type that checked it.")
+    column: str | None = None
+    split: str | None = None
+    success: bool
+    unexpected_count: int = 0
+    sample: list = Field(default_factory=list, description="Sample offending values or rows.")
+
+
+class ValidationReport(_Record):
+    """What the data validation concluded about one dataset snapshot."""
+
+    dataset_sha256: str
+    success: bool
+    results: list[ExpectationResult]
+    data_docs_uri: str | None = None
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the expectations that failed (unique, in order)."""
+        return list(dict.fromkeys(r.name for r in self.results if not r.success))
+
+
+class LoraParams(_Record):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: peft's default for the model type.")
+
+
+class TrainParams(_Record):
+    """Hyper-parameters and scaling of one fine-tuning run."""
+
+    base_model: str | None = Field(None, description="Path or HF id; None: the settings' base model.")
+    max_steps: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1, description="Per-worker micro-batch size.")
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    max_seq_len: int = Field(256, ge=16, le=8192)
+    workers: int = Field(2, ge=1, le=256)
+    use_gpu: bool = False
+    bf16: bool = Field(True, description="bf16 autocast when training on GPU.")
+    compile: bool = Field(False, description="torch.compile the model (GPU).")
+    lora: LoraParams | None = None
+    checkpoint_every: int = Field(20, ge=1)
+    max_failures: int = Field(2, ge=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end.")
+    seed: int = 0
+
+
+class TrainResult(_Record):
+    """What a training run produced."""
+
+    run_id: str
+    model_uri: str = Field(description="MLflow model URI of the fine-tuned model (runs:/…).")
+    checkpoint_uri: str | None = None
+    dataset_sha256: str
+    dataset_uri: str
+    params_hash: str
+    steps: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class GenerationCaps(_Record):
+    """Server-side ceilings applied to every request's generation parameters."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    max_top_k: int = Field(200, ge=0)
+    max_temperature: float = Field(2.0, ge=0)
+
+
+class GenerationParams(_Record):
+    """How to decode: the generative configuration of a request."""
+
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_k: int = Field(0, ge=0, le=10_000, description="0 disables top-k filtering.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    do_sample: bool = False
+    seed: int | None = Field(None, ge=0)
+
+    def capped(self, caps: GenerationCaps) -> GenerationParams:
+        """These parameters clipped to the server's caps."""
+        return self.model_copy(
+            update={
+                "max_new_tokens": min(self.max_new_tokens, caps.max_new_tokens),
+                "top_k": min(self.top_k, caps.max_top_k),
+                "temperature": min(self.temperature, caps.max_temperature),
+            }
+        )
+
+
+class ModelScores(_Record):
+    """Scores of one model on one evaluation set."""
+
+    model: str = Field(description="Model URI or registry version that was scored.")
+    eval_loss: float
+    perplexity: float
+    fact_accuracy: float = Field(ge=0, le=1)
+    rouge_l: float = Field(ge=0, le=1)
+    chrf: float = Field(ge=0, le=100)
+    behavioural_pass_rate: float = Field(ge=0, le=1)
+    replay_fact_accuracy: float | None = Field(None, ge=0, le=1)
+    latency_ms_p50: float = Field(ge=0)
+    n_examples: int = Field(ge=0)
+
+
+class EvalReport(_Record):
+    """Candidate and champion scored on the same examples with the same generation params."""
+
+    candidate: ModelScores
+    champion: ModelScores | None = None
+    eval_sha256: str
+    replay_sha256: str | None = None
+    generation: GenerationParams
+    checks: dict[str, bool] = Field(default_factory=dict, description="Behavioural checks by name.")
+
+
+class MetricThreshold(_Record):
+    """Most a metric may regress against the champion (absolute units of the metric)."""
+
+    max_regression: float = Field(ge=0)
+    higher_is_better: bool = True
+
+
+class PromotionGate(_Record):
+    """Promotion thresholds as data."""
+
+    min_fact_accuracy: float = Field(0.5, ge=0, le=1)
+    min_behavioural_pass_rate: float = Field(0.8, ge=0, le=1)
+    max_eval_loss: float | None = Field(None, gt=0)
+    regressions: dict[str, MetricThreshold] = Field(
+        default_factory=lambda: {
+            "fact_accuracy": MetricThreshold(max_regression=0.02),
+            "rouge_l": MetricThreshold(max_regression=0.05),
+            "eval_loss": MetricThreshold(max_regression=0.05, higher_is_better=False),
+            "replay_fact_accuracy": MetricThreshold(max_regression=0.0),
+        }
+    )
+
+
+class PromotionDecision(_Record):
+    """The gate's verdict for one registered version."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    reasons: list[str]
+    previous_champion: str | None = None
+    decided_at: datetime
+
+
+class Prediction(_Record):
+    """One served completion, as written to the predictions log."""
+
+    request_id: str
+    model_name: str
+    model_version: str
+    prompt_sha256: str
+    params: GenerationParams
+    latency_ms: float = Field(ge=0)
+    cached: bool
+    created_at: datetime
+
+
+class FeedbackEvent(_Record):
+    """What a user said about one served answer."""
+
+    event_id: str = Field(min_length=8, max_length=128, description="Client idempotency key.")
+    request_id: str = Field(min_length=1, max_length=128)
+    rating: Literal[-1, 1]
+    correction: str | None = Field(None, max_length=4000)
+    comment: str | None = Field(None, max_length=4000)
+    user_id: str = Field(min_length=1, max_length=128, description="User or API-key id.")
+    created_at: datetime
+
+    @model_validator(mode="after")
+    def _correction_not_blank(self) -> FeedbackEvent:
+        if self.correction is not None and not self.correction.strip():
+            raise ValueError("correction must not be blank")
+        return self

@@ -1,0 +1,82 @@
+"""Shared fixtures: an isolated flywheel home, the seed corpus and the built base model."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet before anything heavy is imported by a test module.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a required engine or tool is missing locally; fail in CI (CI=true)."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # MLflow's load_model and Ray leave temp folders: keep them inside pytest's temp root.
+    tmp = tmp_path_factory.mktemp("tmp")
+    os.environ["TMPDIR"] = str(tmp)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A fresh flywheel home for one test."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def settings(home: Path):
+    """Settings bound to a fresh home, ignoring the caller's FLYWHEEL_* environment."""
+    from components.settings import Settings
+
+    return Settings(home=home, _env_file=None)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default base model, built once per test session."""
+    from components.base_model import init_base
+
+    return init_base(tmp_path_factory.mktemp("base") / "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """The default support corpus (policy v1), by split."""
+    from components.data import generate_corpus
+
+    return generate_corpus(rows=2400, policy_version="v1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def seed_ref(tmp_path_factory: pytest.TempPathFactory, corpus):
+    """A snapshot of the default corpus in a session-wide datasets folder."""
+    from components.data import snapshot
+
+    return snapshot(corpus, tmp_path_factory.mktemp("datasets"))
