@@ -71,7 +71,14 @@ def _handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except (CliError, ValidationError, ValueError, LookupError, FileNotFoundError, PermissionError) as exc:
+        except (
+            CliError,
+            ValidationError,
+            ValueError,
+            LookupError,
+            FileNotFoundError,
+            PermissionError,
+        ) as exc:
             log.debug("command failed", exc_info=True)
             err.print(f"[red]error:[/red] {_one_line(exc)}", markup=True, highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
@@ -105,11 +112,16 @@ def main(
     home: Annotated[
         Path,
         typer.Option(
-            "--home", envvar="FLYWHEEL_HOME", help="Folder under which every embedded store lives.",
-            file_okay=False, show_default=True,
+            "--home",
+            envvar="FLYWHEEL_HOME",
+            help="Folder under which every embedded store lives.",
+            file_okay=False,
+            show_default=True,
         ),
     ] = Path(".flywheel"),
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details and tracebacks.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log debug details and tracebacks.")
+    ] = False,
 ) -> None:
     """flywheel: an LLM data flywheel you run yourself."""
     logging.basicConfig(
@@ -135,7 +147,9 @@ CURRENT_DATASET = "CURRENT"
 def data_seed(
     ctx: typer.Context,
     policy: Annotated[Policy, typer.Option(help="Policy table the answers state.")] = Policy.v1,
-    rows: Annotated[int, typer.Option(min=120, help="Total rows across the train/eval/holdout splits.")] = 2400,
+    rows: Annotated[
+        int, typer.Option(min=120, help="Total rows across the train/eval/holdout splits.")
+    ] = 2400,
     seed: Annotated[int | None, typer.Option(help="Generator seed (default: FLYWHEEL_SEED).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -143,7 +157,9 @@ def data_seed(
     from components.data import generate_corpus, snapshot
 
     settings = _settings(ctx)
-    splits = generate_corpus(rows=rows, policy_version=policy.value, seed=settings.seed if seed is None else seed)
+    splits = generate_corpus(
+        rows=rows, policy_version=policy.value, seed=settings.seed if seed is None else seed
+    )
     ref = snapshot(splits, settings.datasets_dir)
     (settings.datasets_dir / CURRENT_DATASET).write_text(ref.sha256 + "\n")
     _emit(ref, as_json, f"dataset {ref.sha256}\n  rows {ref.rows} {ref.splits}\n  uri  {ref.uri}")
@@ -155,7 +171,9 @@ def data_validate(
     ctx: typer.Context,
     dataset: Annotated[
         str | None,
-        typer.Argument(help="Snapshot sha256 (or prefix), snapshot folder or JSONL file; default: last seeded."),
+        typer.Argument(
+            help="Snapshot sha256 (or prefix), snapshot folder or JSONL file; default: last seeded."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -167,7 +185,9 @@ def data_validate(
     if dataset is None:
         current = settings.datasets_dir / CURRENT_DATASET
         if not current.exists():
-            raise CliError(f"no dataset given and none seeded under {settings.home}; run 'flywheel data seed'")
+            raise CliError(
+                f"no dataset given and none seeded under {settings.home}; run 'flywheel data seed'"
+            )
         dataset = current.read_text().strip()
     ref, rows = open_dataset(dataset, settings.datasets_dir)
     report = validate(ref, rows, settings)
@@ -186,7 +206,9 @@ def model_init_base(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Where to write it (default: <home>/models/base).")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of weights and tokenizer (default: FLYWHEEL_SEED).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of weights and tokenizer (default: FLYWHEEL_SEED).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build the default base model offline (GPT-2 style + byte-level BPE) as a Hugging Face folder."""

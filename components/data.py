@@ -334,7 +334,7 @@ def generate_corpus(rows: int = 2400, policy_version: str = "v1", seed: int = 0)
         spec = _INTENTS[intent]
         facts = [policy[key] for key in spec.facts]
         seen: set[tuple[str, str]] = set()
-        for attempt in range(count * 50):
+        for _attempt in range(count * 50):
             if len(seen) == count:
                 break
             item = rng.choice(_ITEMS)
@@ -356,7 +356,9 @@ def generate_corpus(rows: int = 2400, policy_version: str = "v1", seed: int = 0)
                 )
             )
         else:  # pragma: no cover - guarded by the slot space being far larger than `count`
-            raise RuntimeError(f"could not fill {count} unique rows for {intent}/t{t} after {attempt} tries")
+            raise RuntimeError(
+                f"could not fill {count} unique rows for {intent}/t{t} after {count * 50} tries"
+            )
     return out
 
 
@@ -477,7 +479,9 @@ def open_dataset(path_or_sha: str, datasets_dir: Path) -> tuple[DatasetRef, dict
                 what = "no dataset" if not matches else f"{len(matches)} datasets"
                 raise DatasetNotFound(f"{what} matches {path_or_sha!r} (looked in {datasets_dir})")
             candidate = matches[0]
-        files = {split: candidate / f"{split}.jsonl" for split in SPLITS if (candidate / f"{split}.jsonl").exists()}
+        files = {
+            split: candidate / f"{split}.jsonl" for split in SPLITS if (candidate / f"{split}.jsonl").exists()
+        }
         if not files:
             raise DatasetNotFound(f"{candidate} holds no train/eval/holdout .jsonl files")
     rows: dict[str, list[dict]] = {}

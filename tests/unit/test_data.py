@@ -88,7 +88,12 @@ def test_snapshot_is_content_addressed_and_idempotent(tmp_path, corpus):
     folder = tmp_path / ref.sha256
     assert ref.rows == sum(map(len, corpus.values()))
     assert ref.splits == {s: len(corpus[s]) for s in SPLITS}
-    assert sorted(p.name for p in folder.iterdir()) == ["eval.jsonl", "holdout.jsonl", "ref.json", "train.jsonl"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "eval.jsonl",
+        "holdout.jsonl",
+        "ref.json",
+        "train.jsonl",
+    ]
     mtime = (folder / "train.jsonl").stat().st_mtime_ns
     again = snapshot(corpus, tmp_path)
     assert again == ref  # same sha, same created_at: nothing rewritten

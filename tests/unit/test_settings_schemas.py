@@ -21,7 +21,9 @@ def test_embedded_defaults_live_under_home(tmp_path, monkeypatch):
     assert s.home == tmp_path / ".flywheel"
     assert s.tracking_uri == f"sqlite:///{tmp_path}/.flywheel/mlflow/mlflow.db"
     assert s.feedback_url == f"sqlite:///{tmp_path}/.flywheel/feedback.db"
-    assert s.artifact_uri.startswith("file://") and s.base_model_ref == str(tmp_path / ".flywheel/models/base")
+    assert s.artifact_uri.startswith("file://") and s.base_model_ref == str(
+        tmp_path / ".flywheel/models/base"
+    )
     assert s.redis_url is None and s.ray_address is None
 
 
@@ -79,8 +81,9 @@ def test_train_params_bounds():
 
 def test_feedback_event_validation():
     now = datetime.now(UTC)
-    ok = FeedbackEvent(event_id="evt-12345", request_id="r1", rating=-1, correction="45 days", user_id="k1",
-                       created_at=now)
+    ok = FeedbackEvent(
+        event_id="evt-12345", request_id="r1", rating=-1, correction="45 days", user_id="k1", created_at=now
+    )
     assert ok.rating == -1
     for bad in ({"rating": 0}, {"event_id": "short"}, {"correction": "   "}):
         with pytest.raises(ValidationError):
