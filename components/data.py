@@ -375,7 +375,8 @@ def _row_dict(row: SFTRow | Mapping) -> dict:
 
 def _split_bytes(rows: Iterable[SFTRow | Mapping]) -> bytes:
     lines = (json.dumps(_row_dict(r), sort_keys=True, ensure_ascii=False) for r in rows)
-    return "".join(line + "\n" for line in lines).encode()
+    # surrogatepass: a lone surrogate from a JSON escape must reach validation, not crash hashing.
+    return "".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")
 
 
 def _content_sha256(blobs: Mapping[str, bytes]) -> str:
