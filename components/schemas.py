@@ -70,6 +70,7 @@ class ExpectationResult(_Record):
     success: bool
     unexpected_count: int = 0
     sample: list = Field(default_factory=list, description="Sample offending values or rows.")
+    note: str | None = Field(None, description="Why it could not be evaluated, when it could not.")
 
 
 class ValidationReport(_Record):
@@ -103,6 +104,7 @@ class TrainParams(_Record):
     learning_rate: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(5, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None: no clipping.")
     max_seq_len: int = Field(256, ge=16, le=8192)
     workers: int = Field(2, ge=1, le=256)
     use_gpu: bool = False
@@ -112,6 +114,7 @@ class TrainParams(_Record):
     checkpoint_every: int = Field(20, ge=1)
     max_failures: int = Field(2, ge=0)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end.")
+    eval_examples: int = Field(256, ge=1, description="Eval-split rows scored for eval loss (evenly spread).")
     seed: int = 0
 
 
@@ -160,16 +163,25 @@ class GenerationParams(_Record):
 class ModelScores(_Record):
     """Scores of one model on one evaluation set."""
 
-    model: str = Field(description="Model URI or registry version that was scored.")
-    eval_loss: float
+    model: str = Field(description="Model URI or local folder that was scored.")
+    version: str | None = Field(None, description="Registry version, when the model was named through it.")
+    eval_loss: float = Field(description="Mean loss per response token (prompt masked, as in training).")
     perplexity: float
-    fact_accuracy: float = Field(ge=0, le=1)
+    fact_accuracy: float = Field(ge=0, le=1, description="Share of answers that state every required fact.")
+    fact_accuracy_by_split: dict[str, float] = Field(default_factory=dict)
     rouge_l: float = Field(ge=0, le=1)
     chrf: float = Field(ge=0, le=100)
-    behavioural_pass_rate: float = Field(ge=0, le=1)
+    behavioural_pass_rate: float = Field(ge=0, le=1, description="Mean of the per-check pass rates.")
+    behavioural: dict[str, float] = Field(
+        default_factory=dict, description="Pass rate of each behavioural check."
+    )
     replay_fact_accuracy: float | None = Field(None, ge=0, le=1)
-    latency_ms_p50: float = Field(ge=0)
+    latency_ms_p50: float = Field(ge=0, description="Median single-prompt generation latency.")
     n_examples: int = Field(ge=0)
+    examples_sha256: str = Field(
+        "", description="sha256 of the example ids scored: equal means same examples."
+    )
+    seconds: float = Field(0.0, ge=0, description="Wall time spent scoring this model.")
 
 
 class EvalReport(_Record):
@@ -180,7 +192,15 @@ class EvalReport(_Record):
     eval_sha256: str
     replay_sha256: str | None = None
     generation: GenerationParams
-    checks: dict[str, bool] = Field(default_factory=dict, description="Behavioural checks by name.")
+    checks: dict[str, bool] = Field(
+        default_factory=dict,
+        description="Behavioural checks that ran: True when the candidate passed every case.",
+    )
+    failures: dict[str, list[str]] = Field(
+        default_factory=dict, description="A few failing cases of the candidate per check (for the reader)."
+    )
+    run_id: str | None = Field(None, description="MLflow run that holds this report and its chart.")
+    created_at: datetime | None = None
 
 
 class MetricThreshold(_Record):
@@ -188,6 +208,12 @@ class MetricThreshold(_Record):
 
     max_regression: float = Field(ge=0)
     higher_is_better: bool = True
+
+
+GATE_METRICS: tuple[str, ...] = (
+    "eval_loss", "perplexity", "fact_accuracy", "rouge_l", "chrf", "behavioural_pass_rate",
+    "replay_fact_accuracy", "latency_ms_p50",
+)  # fmt: skip
 
 
 class PromotionGate(_Record):
@@ -202,8 +228,16 @@ class PromotionGate(_Record):
             "rouge_l": MetricThreshold(max_regression=0.05),
             "eval_loss": MetricThreshold(max_regression=0.05, higher_is_better=False),
             "replay_fact_accuracy": MetricThreshold(max_regression=0.0),
-        }
+        },
+        description=f"Most each metric may regress against the champion; keys among {', '.join(GATE_METRICS)}.",
     )
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> PromotionGate:
+        unknown = sorted(set(self.regressions) - set(GATE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown gate metric(s) {', '.join(unknown)}; known: {', '.join(GATE_METRICS)}")
+        return self
 
 
 class PromotionDecision(_Record):
@@ -212,7 +246,8 @@ class PromotionDecision(_Record):
     model_name: str
     version: str
     promoted: bool
-    reasons: list[str]
+    reasons: list[str] = Field(description="One line per check, pass or fail, in the order checked.")
+    checks: dict[str, bool] = Field(default_factory=dict, description="Each gate check by name: passed?")
     previous_champion: str | None = None
     decided_at: datetime
 
