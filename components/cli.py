@@ -227,5 +227,67 @@ def model_init_base(
     _emit({"path": str(path)}, as_json, f"base model written to {path}")
 
 
+# local stack --------------------------------------------------------------------------------
+
+
+class Service(StrEnum):
+    redis = "redis"
+    mlflow = "mlflow"
+    airflow = "airflow"
+
+
+def _stack_table(statuses: list) -> str:
+    lines = [f"{'service':<8} {'state':<8} {'pid':>8}  url"]
+    for s in statuses:
+        state = "running" if s.running else "stopped"
+        lines.append(f"{s.name:<8} {state:<8} {s.pid or '-':>8}  {s.url}")
+    return "\n".join(lines)
+
+
+@app.command("up")
+@_handle_errors
+def stack_up(
+    ctx: typer.Context,
+    services: Annotated[
+        list[Service] | None,
+        typer.Argument(help="Services to start (default: redis, mlflow and airflow)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start local Redis, MLflow server and Airflow on 127.0.0.1, under <home>/stack/."""
+    from components.localstack import SERVICES, StackError, up
+
+    names = [s.value for s in services] if services else list(SERVICES)
+    try:
+        with err.status(f"starting {', '.join(names)}…"):
+            statuses = up(_settings(ctx), names)
+    except StackError as exc:
+        raise CliError(str(exc)) from None
+    _emit([s.model_dump() for s in statuses], as_json, _stack_table(statuses))
+
+
+@app.command("down")
+@_handle_errors
+def stack_down(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Stop the local services that 'flywheel up' started (and nothing else)."""
+    from components.localstack import StackError, down
+
+    try:
+        stopped = down(_settings(ctx))
+    except StackError as exc:
+        raise CliError(str(exc)) from None
+    _emit({"stopped": stopped}, as_json, f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command("status")
+@_handle_errors
+def stack_status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Show the local services, their PIDs and URLs."""
+    from components.localstack import status
+
+    statuses = status(_settings(ctx))
+    _emit([s.model_dump() for s in statuses], as_json, _stack_table(statuses))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
