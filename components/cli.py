@@ -227,6 +227,311 @@ def model_init_base(
     _emit({"path": str(path)}, as_json, f"base model written to {path}")
 
 
+# train, evaluate, promote -------------------------------------------------------------------
+
+
+def _current_dataset(settings: Settings, dataset: str | None) -> str:
+    if dataset is not None:
+        return dataset
+    current = settings.datasets_dir / CURRENT_DATASET
+    if not current.exists():
+        raise CliError(f"no dataset given and none seeded under {settings.home}; run 'flywheel data seed'")
+    return current.read_text().strip()
+
+
+def _load_params(path: Path | None, **overrides: Any):
+    import yaml
+
+    from components.schemas import TrainParams
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise CliError(f"params file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise CliError(f"params file {path} is not valid YAML/JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise CliError(f"params file {path} must hold a mapping of TrainParams fields")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainParams.model_validate(values)
+
+
+def _validated_dataset(settings: Settings, dataset: str | None, as_json: bool):
+    """Open and validate a dataset; a rejected one ends the command with exit 1 and its report."""
+    from components.data import open_dataset
+    from components.validate import format_report, validate
+
+    ref, rows = open_dataset(_current_dataset(settings, dataset), settings.datasets_dir)
+    with err.status(f"validating dataset {ref.sha256[:12]}…"):
+        report = validate(ref, rows, settings)
+    if not report.success:
+        _emit(report, as_json, format_report(report))
+        err.print("[red]rejected:[/red] the dataset failed validation; nothing was trained", markup=True)
+        raise typer.Exit(EXIT_REJECTED)
+    return ref, report
+
+
+def _train_and_register(settings: Settings, ref, params, use_ray: bool, validation):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from components.base_model import ensure_base
+    from components.registry import register
+    from components.train import train
+
+    if settings.base_model is None:
+        with err.status("building the base model…"):
+            ensure_base(settings.base_model_dir, settings.seed)
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("train", total=params.max_steps, loss="-")
+
+        def on_progress(event: dict) -> None:
+            loss = event.get("loss")
+            bar.update(task, completed=event.get("step", 0), loss=f"{loss:.3f}" if loss is not None else "-")
+
+        result = train(ref, params, settings, progress=on_progress, use_ray=use_ray)
+    version = register(result, settings, validation=validation)
+    return result, version
+
+
+@app.command("train")
+@_handle_errors
+def train_cmd(
+    ctx: typer.Context,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset sha256 (or prefix) or folder; default: last seeded.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers (DDP).")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps.")] = None,
+    params_file: Annotated[
+        Path | None, typer.Option("--params", help="YAML/JSON file of TrainParams fields.")
+    ] = None,
+    use_gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Train on GPUs (bf16).")] = None,
+    use_ray: Annotated[
+        bool, typer.Option("--ray/--no-ray", help="Run on Ray Train, or the same loop in this process.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a dataset, fine-tune on it, log an MLflow run and register the model as challenger."""
+    settings = _settings(ctx)
+    params = _load_params(params_file, workers=workers, max_steps=max_steps, use_gpu=use_gpu)
+    ref, validation = _validated_dataset(settings, dataset, as_json)
+    result, version = _train_and_register(settings, ref, params, use_ray, validation)
+    payload = {"version": version, **result.model_dump(mode="json")}
+    metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
+    _emit(
+        payload,
+        as_json,
+        f"run {result.run_id}: {result.steps} steps on dataset {ref.sha256[:12]}\n  {metrics}\n"
+        f"registered {settings.model_name} version {version} (alias challenger)",
+    )
+
+
+def _scores_table(report) -> str:
+    champ = report.champion
+    rows = [f"{'metric':<24} {'candidate':>10} {'champion':>10}"]
+    for metric in (
+        "fact_accuracy",
+        "rouge_l",
+        "chrf",
+        "behavioural_pass_rate",
+        "replay_fact_accuracy",
+        "eval_loss",
+        "perplexity",
+        "latency_ms_p50",
+    ):
+        cand = getattr(report.candidate, metric)
+        if cand is None:
+            continue
+        other = getattr(champ, metric) if champ is not None else None
+        rows.append(f"{metric:<24} {cand:>10.4g} {'-' if other is None else format(other, '>10.4g'):>10}")
+    rows.append(f"examples: {report.candidate.n_examples} (same for both models)")
+    return "\n".join(rows)
+
+
+def _evaluate_version(settings: Settings, version: str, dataset: str | None, max_examples: int):
+    from components.data import DatasetNotFound, open_dataset
+    from components.evaluate import evaluate
+    from components.registry import champion_uri, record_evaluation, resolve
+
+    info = resolve(version, settings)
+    try:  # score on the version's own dataset when it is here, else the last seeded one
+        ref, _ = open_dataset(dataset or info.dataset_sha256 or "", settings.datasets_dir)
+    except (DatasetNotFound, ValueError):
+        if dataset is not None:
+            raise
+        ref, _ = open_dataset(_current_dataset(settings, None), settings.datasets_dir)
+    champion = champion_uri(settings)
+    if champion == info.model_uri:
+        champion = None  # the champion is scored alone: there is nothing to compare it with
+    with err.status(f"evaluating version {info.version}…"):
+        report = evaluate(info.model_uri, champion, ref, None, settings, max_examples=max_examples)
+    record_evaluation(info.version, report, settings)
+    return info, report
+
+
+@app.command("evaluate")
+@_handle_errors
+def evaluate_cmd(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Option(help="Registered version or alias to score.")] = "challenger",
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset to score on; default: the one the version trained on.")
+    ] = None,
+    max_examples: Annotated[int, typer.Option(min=1, help="Eval + holdout rows scored.")] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a version and the champion on the same examples; record the report with the version."""
+    settings = _settings(ctx)
+    info, report = _evaluate_version(settings, version, dataset, max_examples)
+    _emit(report, as_json, f"{settings.model_name} version {info.version}\n{_scores_table(report)}")
+
+
+def _decision_text(decision) -> str:
+    verdict = "promoted to champion" if decision.promoted else "REJECTED"
+    lines = [f"{decision.model_name} version {decision.version}: {verdict}"]
+    lines += [f"  {reason}" for reason in decision.reasons]
+    return "\n".join(lines)
+
+
+@app.command("promote")
+@_handle_errors
+def promote_cmd(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Option(help="Registered version or alias to promote.")] = "challenger",
+    gate_file: Annotated[
+        Path | None, typer.Option("--gate", help="YAML/JSON file of PromotionGate thresholds.")
+    ] = None,
+    max_examples: Annotated[
+        int, typer.Option(min=1, help="Rows scored when the version has no evaluation yet.")
+    ] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gate a version against the champion; exit 0 when promoted, 3 when rejected."""
+    import yaml
+
+    from components.registry import EvaluationNotFound, promote, resolve
+    from components.schemas import PromotionGate
+
+    settings = _settings(ctx)
+    gate = (
+        PromotionGate.model_validate(yaml.safe_load(gate_file.read_text()) or {})
+        if gate_file
+        else PromotionGate()
+    )
+    info = resolve(version, settings)
+    try:
+        decision = promote(info.version, gate, settings)
+    except EvaluationNotFound:
+        _evaluate_version(settings, info.version, None, max_examples)
+        decision = promote(info.version, gate, settings)
+    _emit(decision, as_json, _decision_text(decision))
+    if not decision.promoted:
+        raise typer.Exit(EXIT_PROMOTION_REJECTED)
+
+
+@app.command("rollback")
+@_handle_errors
+def rollback_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Move the champion alias back to the previous champion."""
+    from components.registry import rollback
+
+    decision = rollback(_settings(ctx))
+    _emit(decision, as_json, _decision_text(decision).replace("promoted to champion", "champion again"))
+
+
+@app.command("models")
+@_handle_errors
+def models_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List registered versions with their aliases, key metrics and lineage."""
+    from rich.table import Table
+
+    from components.registry import list_models
+
+    settings = _settings(ctx)
+    versions = list_models(settings)
+    if as_json:
+        _emit([v.model_dump(mode="json") for v in versions], True)
+        return
+    if not versions:
+        out.print(f"no versions of {settings.model_name} registered yet; run 'flywheel train'")
+        return
+    table = Table(title=f"{settings.model_name} ({settings.tracking_uri})")
+    for column in ("version", "aliases", "fact acc.", "behaviour", "eval loss", "dataset", "run", "created"):
+        table.add_column(column)
+    for v in versions:
+        m = v.metrics
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases) or "-",
+            _fmt_metric(m.get("fact_accuracy")),
+            _fmt_metric(m.get("behavioural_pass_rate")),
+            _fmt_metric(m.get("eval_loss")),
+            (v.dataset_sha256 or "-")[:12],
+            (v.run_id or "-")[:12],
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    out.print(table)
+
+
+def _fmt_metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command("demo")
+@_handle_errors
+def demo_cmd(
+    ctx: typer.Context,
+    policy: Annotated[Policy, typer.Option(help="Policy table of the seeded corpus.")] = Policy.v1,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP).")] = 2,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimizer steps (default: TrainParams).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The local loop on embedded defaults: seed, validate, train, register, evaluate, promote."""
+    from components.data import generate_corpus, snapshot
+    from components.registry import promote
+    from components.schemas import PromotionGate
+
+    settings = _settings(ctx)
+    ref = snapshot(generate_corpus(policy_version=policy.value, seed=settings.seed), settings.datasets_dir)
+    (settings.datasets_dir / CURRENT_DATASET).write_text(ref.sha256 + "\n")
+    err.print(f"dataset {ref.sha256[:12]}: {ref.rows} rows {ref.splits}")
+    ref, validation = _validated_dataset(settings, ref.sha256, as_json)
+    err.print("validation passed")
+    params = _load_params(None, workers=workers, max_steps=max_steps)
+    result, version = _train_and_register(settings, ref, params, True, validation)
+    err.print(f"trained: run {result.run_id}, registered version {version}")
+    _, report = _evaluate_version(settings, version, ref.sha256, 200)
+    decision = promote(version, PromotionGate(), settings)
+    if as_json:
+        _emit(
+            {
+                "dataset": ref.sha256,
+                "run_id": result.run_id,
+                "version": version,
+                "evaluation": report.model_dump(mode="json"),
+                "decision": decision.model_dump(mode="json"),
+            },
+            True,
+        )
+    else:
+        out.print(_scores_table(report))
+        out.print(_decision_text(decision))
+        out.print(f"MLflow store: {settings.tracking_uri} (flywheel models lists the registry)")
+    if not decision.promoted:
+        raise typer.Exit(EXIT_PROMOTION_REJECTED)
+
+
 # local stack --------------------------------------------------------------------------------
 
 
