@@ -127,6 +127,8 @@ def main(
     """flywheel: an LLM data flywheel you run yourself."""
     # Library progress bars would interleave with ours; the CLI draws its own.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Idle OpenMP threads must not spin: training workers and evaluation share the cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
