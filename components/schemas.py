@@ -98,12 +98,12 @@ class TrainParams(_Record):
     """Hyper-parameters and scaling of one fine-tuning run."""
 
     base_model: str | None = Field(None, description="Path or HF id; None: the settings' base model.")
-    max_steps: int = Field(60, ge=1)
+    max_steps: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1, description="Per-worker micro-batch size.")
     grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(5, ge=0)
+    learning_rate: float = Field(3e-3, gt=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None: no clipping.")
     max_seq_len: int = Field(256, ge=16, le=8192)
     workers: int = Field(2, ge=1, le=256)
@@ -111,9 +111,9 @@ class TrainParams(_Record):
     bf16: bool = Field(True, description="bf16 autocast when training on GPU.")
     compile: bool = Field(False, description="torch.compile the model (GPU).")
     lora: LoraParams | None = None
-    checkpoint_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     max_failures: int = Field(2, ge=0)
-    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end.")
+    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end.")
     eval_examples: int = Field(256, ge=1, description="Eval-split rows scored for eval loss (evenly spread).")
     seed: int = 0
 
@@ -122,7 +122,9 @@ class TrainResult(_Record):
     """What a training run produced."""
 
     run_id: str
-    model_uri: str = Field(description="MLflow model URI of the fine-tuned model (runs:/…).")
+    model_uri: str = Field(
+        description="MLflow URI of the fine-tuned model: the logged model (models:/m-…); runs:/<run_id>/model also works."
+    )
     checkpoint_uri: str | None = None
     dataset_sha256: str
     dataset_uri: str
@@ -229,7 +231,7 @@ class PromotionGate(_Record):
             "eval_loss": MetricThreshold(max_regression=0.05, higher_is_better=False),
             "replay_fact_accuracy": MetricThreshold(max_regression=0.0),
         },
-        description=f"Most each metric may regress against the champion; keys among {', '.join(GATE_METRICS)}.",
+        description=f"Most each metric may regress against the champion; keys: {', '.join(GATE_METRICS)}.",
     )
 
     @model_validator(mode="after")
