@@ -468,7 +468,7 @@ def models_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     table = Table(title=f"{settings.model_name} ({settings.tracking_uri})")
     for column in ("version", "aliases", "fact acc.", "behaviour", "eval loss", "dataset", "run", "created"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for v in versions:
         m = v.metrics
         table.add_row(
@@ -481,7 +481,8 @@ def models_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             (v.run_id or "-")[:12],
             v.created_at.strftime("%Y-%m-%d %H:%M"),
         )
-    out.print(table)
+    # A pipe gets 80 columns by default: give the table room so rows stay whole.
+    (out if out.is_terminal else Console(width=160)).print(table)
 
 
 def _fmt_metric(value: float | None) -> str:
