@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from components.schemas import SPLITS, DatasetRef, EvalReport, GenerationParams, ModelScores
+from components.tracking import client as tracking_client
+from components.tracking import experiment_id
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     from matplotlib.figure import Figure
@@ -520,7 +522,7 @@ def _cpu_threads(model: PreTrainedModel) -> Iterator[None]:
     """One intra-op thread for a small model on CPU, restored afterwards.
 
     Decoding a small model is a long chain of tiny ops: extra threads only add synchronization
-    (measured here: 200 answers of the ~1 M-parameter base model take 2 s on one thread, 5-15 s
+    (measured here: 200 answers of the ~0.5 M-parameter base model take 2 s on one thread, 5-15 s
     on two when the cores are shared).
     """
     import torch
@@ -556,27 +558,6 @@ def _generate_kwargs(gen: GenerationParams, tokenizer: PreTrainedTokenizerBase) 
 # MLflow ------------------------------------------------------------------------------------
 
 
-def experiment_id(client: MlflowClient, settings: Settings) -> str:
-    """Id of ``settings.experiment_name``, created on first use (artifacts under the settings' root).
-
-    Against a tracking server with no artifact root set, the server picks the location.
-    """
-    found = client.get_experiment_by_name(settings.experiment_name)
-    if found is not None:
-        return found.experiment_id
-    local_store = not settings.tracking_uri.startswith(("http://", "https://", "databricks"))
-    location = settings.mlflow_artifact_uri or (settings.artifact_uri if local_store else None)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.create_experiment(settings.experiment_name, artifact_location=location)
-    except MlflowException:  # created concurrently by another step: use theirs
-        found = client.get_experiment_by_name(settings.experiment_name)
-        if found is None:
-            raise
-        return found.experiment_id
-
-
 _CHART_METRICS: dict[str, tuple[str, float]] = {
     "fact_accuracy": ("fact accuracy", 1.0),
     "rouge_l": ("ROUGE-L", 1.0),
@@ -594,12 +575,9 @@ def _start_run(
     gen: GenerationParams,
     max_examples: int,
 ) -> tuple[MlflowClient, str]:
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    if settings.tracking_uri.startswith("sqlite:"):
-        settings.ensure_home()
-    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client = tracking_client(settings)
     tags = {
         "flywheel.step": "evaluate",
         "flywheel.candidate": models[0].label,

@@ -689,11 +689,9 @@ def _fmt(value: Any) -> str:
 
 
 def _client(settings: Settings) -> MlflowClient:
-    from mlflow import MlflowClient
+    from components.tracking import client
 
-    if settings.tracking_uri.startswith("sqlite:"):
-        settings.ensure_home()
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    return client(settings)
 
 
 def _is_missing(exc: Exception) -> bool:

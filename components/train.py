@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.schemas import DatasetRef, TrainParams, TrainResult
+from components.tracking import client as tracking_client
+from components.tracking import experiment_id
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
@@ -94,9 +96,9 @@ def train(
     base_model = params.base_model or settings.base_model_ref
     p_hash = params_hash(params, base_model, ref.sha256)
     mlflow.set_tracking_uri(settings.tracking_uri)
-    client = mlflow.MlflowClient(settings.tracking_uri)
+    client = tracking_client(settings)
     run = client.create_run(
-        _experiment_id(client, settings),
+        experiment_id(client, settings),
         run_name=f"train-{ref.sha256[:8]}-{p_hash[:8]}",
         tags=_run_tags(ref, base_model, p_hash, use_ray, params),
     )
@@ -131,22 +133,6 @@ def train(
 
 
 # Driver: MLflow run setup ------------------------------------------------------------------
-
-
-def _experiment_id(client: MlflowClient, settings: Settings) -> str:
-    """The experiment's id, created with the settings' artifact root if absent."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(settings.experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(settings.experiment_name, artifact_location=settings.artifact_uri)
-    except MlflowException:  # another process created it between our two calls
-        experiment = client.get_experiment_by_name(settings.experiment_name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
 
 
 def _run_tags(

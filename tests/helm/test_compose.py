@@ -56,5 +56,7 @@ def test_dockerfile_pins_torch_and_drops_root() -> None:
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert "FROM ${PYTHON_IMAGE}" in dockerfile and "python:3.11-slim" in dockerfile
     install_torch = dockerfile.index("torch==2.13.0")
-    assert install_torch < dockerfile.index("pip install \".[k8s]\""), "torch must be installed before the project"
+    assert install_torch < dockerfile.index('pip install ".[k8s]"'), (
+        "torch must be installed before the project"
+    )
     assert re.search(r"^USER 1000", dockerfile, re.MULTILINE)

@@ -127,9 +127,10 @@ def test_register_and_promote_through_a_tracking_server(
     from mlflow import MlflowClient
 
     from components import registry
-    from components.evaluate import evaluate, experiment_id, load_model_from_uri
+    from components.evaluate import evaluate, load_model_from_uri
     from components.schemas import PromotionGate, TrainParams
     from components.settings import Settings
+    from components.tracking import experiment_id
     from components.train import train
 
     settings = Settings(
