@@ -42,6 +42,7 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 CURRENT_CHAMPION = "@champion"  # register()'s default parent: whatever is champion at call time
 MODEL_CARD_ARTIFACT = "model_card.md"
 _DESCRIPTION_LIMIT = 5000  # MLflow's model version description column
+_TAG_VALUE_LIMIT = 5000  # MLflow's model version tag value column (enforced by PostgreSQL)
 
 # Version tags (lineage, evaluation, promotion).
 TAG_RUN_ID = "flywheel.run_id"
@@ -211,6 +212,11 @@ def record_evaluation(version: str, report: EvalReport, settings: Settings) -> N
             f"not {name} version {version}"
         )
     payload = report.model_dump_json()
+    if len(payload) > _TAG_VALUE_LIMIT:
+        # The gate needs the scores, not the sample failures: those stay in the eval run's report.
+        payload = report.model_copy(update={"failures": {}}).model_dump_json()
+    if len(payload) > _TAG_VALUE_LIMIT:
+        raise ValueError(f"evaluation report of {len(payload)} characters does not fit a version tag")
     if mv.tags.get(TAG_EVAL) == payload:
         return
     client.set_model_version_tag(name, version, TAG_EVAL, payload)

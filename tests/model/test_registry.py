@@ -218,6 +218,23 @@ def test_a_report_of_another_model_is_refused(trained_v1, trained_v2, registry_s
     assert registry.list_models(settings)[0].metrics["fact_accuracy"] == 0.5
 
 
+def test_a_large_report_is_stored_without_its_sample_failures(trained_v1, registry_settings):
+    from components import registry
+    from components.schemas import PromotionGate
+
+    settings = registry_settings
+    version = registry.register(trained_v1, settings)
+    report = _report(trained_v1.model_uri, None, None).model_copy(
+        update={"failures": {"invariance": ["a prompt that was answered with other facts " * 20] * 20}}
+    )
+    assert len(report.model_dump_json()) > 5000  # MLflow's tag column (PostgreSQL enforces it)
+    registry.record_evaluation(version, report, settings)
+    stored = _tags(settings, version)["flywheel.eval.report"]
+    assert len(stored) <= 5000 and '"failures":{}' in stored
+    decision = registry.promote(version, PromotionGate(**GATE), settings)
+    assert decision.promoted
+
+
 def test_empty_registry_errors_are_named(registry_settings):
     from pydantic import ValidationError
 
