@@ -225,8 +225,9 @@ class PromotionGate(_Record):
     """Promotion thresholds as data."""
 
     min_fact_accuracy: float = Field(0.5, ge=0, le=1)
-    # The default base model is tiny: its invariance to casing/punctuation sits around 0.8.
-    min_behavioural_pass_rate: float = Field(0.7, ge=0, le=1)
+    # Behavioural = mean of invariance and (on changed-policy data) directional, which tracks fact
+    # accuracy; the default tiny model reaches ~0.8 on v1 and ~0.67 right after a policy change.
+    min_behavioural_pass_rate: float = Field(0.6, ge=0, le=1)
     max_eval_loss: float | None = Field(None, gt=0)
     regressions: dict[str, MetricThreshold] = Field(
         default_factory=lambda: {

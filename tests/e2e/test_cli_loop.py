@@ -87,6 +87,25 @@ def test_a_worse_candidate_is_rejected_and_the_champion_stays(trained):
     assert len(rollback.stderr.strip().splitlines()) == 1
 
 
+def test_a_policy_change_trains_a_new_champion_and_rollback_restores_the_old(trained):
+    home, _, _ = trained
+    v2 = _ok(_run(home, "data", "seed", "--policy", "v2", "--json"))
+    candidate = _ok(_run(home, "train", "--workers", "2", "--json"))
+    assert candidate["dataset_sha256"] == v2["sha256"]
+    # Scored on the new policy's data, the old champion states stale facts: the candidate wins.
+    decision = _ok(_run(home, "promote", "--version", candidate["version"], "--json"))
+    assert decision["promoted"] is True and decision["previous_champion"] == "1"
+    report = _ok(_run(home, "evaluate", "--version", "champion", "--json"))
+    assert report["candidate"]["version"] == candidate["version"] and report["champion"] is None
+    aliases = {m["version"]: m["aliases"] for m in _ok(_run(home, "models", "--json"))}
+    assert aliases["1"] == ["previous"] and aliases[candidate["version"]] == ["champion"]
+
+    back = _ok(_run(home, "rollback", "--json"))
+    assert back["version"] == "1"
+    aliases = {m["version"]: m["aliases"] for m in _ok(_run(home, "models", "--json"))}
+    assert aliases["1"] == ["champion"] and "champion" not in aliases[candidate["version"]]
+
+
 def test_bad_params_are_a_clear_error(trained, tmp_path):
     home, _, _ = trained
     params = tmp_path / "params.yaml"
