@@ -147,6 +147,25 @@ def main(
 CURRENT_DATASET = "CURRENT"
 
 
+def _seed(settings: Settings, policy: str, rows: int = 2400, seed: int | None = None):
+    """Generate and snapshot the corpus; it becomes the default dataset of later commands."""
+    from components.data import generate_corpus, snapshot
+
+    splits = generate_corpus(rows=rows, policy_version=policy, seed=settings.seed if seed is None else seed)
+    ref = snapshot(splits, settings.datasets_dir)
+    (settings.datasets_dir / CURRENT_DATASET).write_text(ref.sha256 + "\n")
+    return ref
+
+
+def _current_dataset(settings: Settings, dataset: str | None) -> str:
+    if dataset is not None:
+        return dataset
+    current = settings.datasets_dir / CURRENT_DATASET
+    if not current.exists():
+        raise CliError(f"no dataset given and none seeded under {settings.home}; run 'flywheel data seed'")
+    return current.read_text().strip()
+
+
 @data_app.command("seed")
 @_handle_errors
 def data_seed(
@@ -159,14 +178,7 @@ def data_seed(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate the support corpus and snapshot it under the home (same content, same sha256)."""
-    from components.data import generate_corpus, snapshot
-
-    settings = _settings(ctx)
-    splits = generate_corpus(
-        rows=rows, policy_version=policy.value, seed=settings.seed if seed is None else seed
-    )
-    ref = snapshot(splits, settings.datasets_dir)
-    (settings.datasets_dir / CURRENT_DATASET).write_text(ref.sha256 + "\n")
+    ref = _seed(_settings(ctx), policy.value, rows, seed)
     _emit(ref, as_json, f"dataset {ref.sha256}\n  rows {ref.rows} {ref.splits}\n  uri  {ref.uri}")
 
 
@@ -187,14 +199,7 @@ def data_validate(
     from components.validate import format_report, validate
 
     settings = _settings(ctx)
-    if dataset is None:
-        current = settings.datasets_dir / CURRENT_DATASET
-        if not current.exists():
-            raise CliError(
-                f"no dataset given and none seeded under {settings.home}; run 'flywheel data seed'"
-            )
-        dataset = current.read_text().strip()
-    ref, rows = open_dataset(dataset, settings.datasets_dir)
+    ref, rows = open_dataset(_current_dataset(settings, dataset), settings.datasets_dir)
     report = validate(ref, rows, settings)
     _emit(report, as_json, format_report(report))
     if not report.success:
@@ -232,32 +237,25 @@ def model_init_base(
 # train, evaluate, promote -------------------------------------------------------------------
 
 
-def _current_dataset(settings: Settings, dataset: str | None) -> str:
-    if dataset is not None:
-        return dataset
-    current = settings.datasets_dir / CURRENT_DATASET
-    if not current.exists():
-        raise CliError(f"no dataset given and none seeded under {settings.home}; run 'flywheel data seed'")
-    return current.read_text().strip()
+M = TypeVar("M", bound=BaseModel)
 
 
-def _load_params(path: Path | None, **overrides: Any):
+def _load_record(model: type[M], path: Path | None, **overrides: Any) -> M:
+    """A settings record (TrainParams, PromotionGate) from a YAML/JSON file plus CLI overrides."""
     import yaml
-
-    from components.schemas import TrainParams
 
     values: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
-            raise CliError(f"params file {path} does not exist")
+            raise CliError(f"{path} does not exist")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise CliError(f"params file {path} is not valid YAML/JSON: {exc}") from None
+            raise CliError(f"{path} is not valid YAML/JSON: {exc}") from None
         if not isinstance(values, dict):
-            raise CliError(f"params file {path} must hold a mapping of TrainParams fields")
+            raise CliError(f"{path} must hold a mapping of {model.__name__} fields")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainParams.model_validate(values)
+    return model.model_validate(values)
 
 
 def _validated_dataset(settings: Settings, dataset: str | None, as_json: bool):
@@ -323,8 +321,10 @@ def train_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate a dataset, fine-tune on it, log an MLflow run and register the model as challenger."""
+    from components.schemas import TrainParams
+
     settings = _settings(ctx)
-    params = _load_params(params_file, workers=workers, max_steps=max_steps, use_gpu=use_gpu)
+    params = _load_record(TrainParams, params_file, workers=workers, max_steps=max_steps, use_gpu=use_gpu)
     ref, validation = _validated_dataset(settings, dataset, as_json)
     result, version = _train_and_register(settings, ref, params, use_ray, validation)
     payload = {"version": version, **result.model_dump(mode="json")}
@@ -365,12 +365,13 @@ def _evaluate_version(settings: Settings, version: str, dataset: str | None, max
     from components.registry import champion_uri, record_evaluation, resolve
 
     info = resolve(version, settings)
-    try:  # score on the version's own dataset when it is here, else the last seeded one
-        ref, _ = open_dataset(dataset or info.dataset_sha256 or "", settings.datasets_dir)
-    except (DatasetNotFound, ValueError):
-        if dataset is not None:
-            raise
-        ref, _ = open_dataset(_current_dataset(settings, None), settings.datasets_dir)
+    if dataset is not None:
+        ref, _ = open_dataset(dataset, settings.datasets_dir)
+    else:  # the version's own dataset when it is here, else the last seeded one
+        try:
+            ref, _ = open_dataset(info.dataset_sha256 or "-", settings.datasets_dir)
+        except DatasetNotFound:
+            ref, _ = open_dataset(_current_dataset(settings, None), settings.datasets_dir)
     champion = champion_uri(settings)
     if champion == info.model_uri:
         champion = None  # the champion is scored alone: there is nothing to compare it with
@@ -418,17 +419,11 @@ def promote_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Gate a version against the champion; exit 0 when promoted, 3 when rejected."""
-    import yaml
-
     from components.registry import EvaluationNotFound, promote, resolve
     from components.schemas import PromotionGate
 
     settings = _settings(ctx)
-    gate = (
-        PromotionGate.model_validate(yaml.safe_load(gate_file.read_text()) or {})
-        if gate_file
-        else PromotionGate()
-    )
+    gate = _load_record(PromotionGate, gate_file)
     info = resolve(version, settings)
     try:
         decision = promote(info.version, gate, settings)
@@ -501,17 +496,15 @@ def demo_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """The local loop on embedded defaults: seed, validate, train, register, evaluate, promote."""
-    from components.data import generate_corpus, snapshot
     from components.registry import promote
-    from components.schemas import PromotionGate
+    from components.schemas import PromotionGate, TrainParams
 
     settings = _settings(ctx)
-    ref = snapshot(generate_corpus(policy_version=policy.value, seed=settings.seed), settings.datasets_dir)
-    (settings.datasets_dir / CURRENT_DATASET).write_text(ref.sha256 + "\n")
+    ref = _seed(settings, policy.value)
     err.print(f"dataset {ref.sha256[:12]}: {ref.rows} rows {ref.splits}")
     ref, validation = _validated_dataset(settings, ref.sha256, as_json)
     err.print("validation passed")
-    params = _load_params(None, workers=workers, max_steps=max_steps)
+    params = _load_record(TrainParams, None, workers=workers, max_steps=max_steps)
     result, version = _train_and_register(settings, ref, params, True, validation)
     err.print(f"trained: run {result.run_id}, registered version {version}")
     _, report = _evaluate_version(settings, version, ref.sha256, 200)
