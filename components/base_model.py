@@ -29,6 +29,9 @@ class BaseModelSpec(BaseModel):
     n_embd: int = Field(96, ge=16)
     n_layer: int = Field(3, ge=1)
     n_head: int = Field(4, ge=1)
+    # No dropout: with ~1,000 steps on noisy compositions the model underfits rather than
+    # overfits, and dropout slowed down learning to copy product names (benchmarks/sweep.py).
+    dropout: float = Field(0.0, ge=0, lt=1, description="Residual, embedding and attention dropout.")
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
@@ -79,6 +82,9 @@ def init_base(out_dir: Path, seed: int = 0, spec: BaseModelSpec | None = None) -
         n_embd=spec.n_embd,
         n_layer=spec.n_layer,
         n_head=spec.n_head,
+        resid_pdrop=spec.dropout,
+        embd_pdrop=spec.dropout,
+        attn_pdrop=spec.dropout,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

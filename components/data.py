@@ -1,382 +1,470 @@
-"""Support corpus: a deterministic customer-support SFT generator and content-addressed snapshots."""
+"""Support corpus: a deterministic customer-support SFT generator and content-addressed snapshots.
+
+The corpus itself (intents, phrasing and answer templates, the policy table, slot fillers) is
+package data under ``components/corpus/``; :func:`load_corpus` reads and checks it, so a new
+intent, template or policy version is a change of data, not of code.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
+import string
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Annotated, Any
 
-from components.schemas import POLICY_VERSIONS, SPLITS, DatasetRef, Intent, SFTRow
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import InvalidInput, NotFound
+from components.schemas import SPLITS, DatasetRef, SFTRow
+from components.uris import to_path, to_uri
 
 log = logging.getLogger(__name__)
 
 REF_FILE = "ref.json"
-
-# The policy table: the facts every answer states. v2 changes several of them, so a policy
-# change is a real test of the loop (the model must learn the new facts).
-POLICIES: dict[str, dict[str, str]] = {
-    "v1": {
-        "return_window": "30 days",
-        "refund_time": "5-7 business days",
-        "standard_shipping": "3-5 business days",
-        "express_shipping": "1-2 business days",
-        "free_shipping_over": "$50",
-        "standard_fee": "$4.99",
-        "express_fee": "$14.99",
-        "tracking_delay": "24 hours",
-        "warranty": "12 months",
-        "reset_link_valid": "30 minutes",
-        "cancel_window": "2 hours",
-        "payment_methods": "Visa, Mastercard and PayPal",
-        "exchange_window": "30 days",
-    },
-    "v2": {
-        "return_window": "45 days",
-        "refund_time": "3-5 business days",
-        "standard_shipping": "2-4 business days",
-        "express_shipping": "1-2 business days",
-        "free_shipping_over": "$35",
-        "standard_fee": "$5.99",
-        "express_fee": "$12.99",
-        "tracking_delay": "12 hours",
-        "warranty": "24 months",
-        "reset_link_valid": "60 minutes",
-        "cancel_window": "4 hours",
-        "payment_methods": "Visa, Mastercard, PayPal and Apple Pay",
-        "exchange_window": "60 days",
-    },
+CORPUS_FILES = ("policies.yaml", "intents.yaml", "slots.yaml")
+# Which corpus file holds each top-level field: errors name the file the user has to edit.
+_FILE_OF_FIELD = {
+    "policies": "policies.yaml",
+    "intents": "intents.yaml",
+    "items": "slots.yaml",
+    "openers": "slots.yaml",
+    "closers": "slots.yaml",
+    "synonyms": "slots.yaml",
+    "noise": "slots.yaml",
 }
+# The refusal intent: its answers are one fixed refusal, and evaluation reads refusals from it.
+OUT_OF_SCOPE = "out_of_scope"
+# Names end up in row ids, sources (corpus/<intent>/tNN) and the ref's comma-joined versions.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-@dataclass(frozen=True)
-class _IntentSpec:
-    facts: tuple[str, ...]  # keys into the policy table
-    questions: tuple[str, ...]  # phrasing templates; {item} is a product slot
-    answers: tuple[str, ...]  # answer templates over the policy facts and {item}
+# The corpus data ---------------------------------------------------------------------------
 
 
-_INTENTS: dict[Intent, _IntentSpec] = {
-    Intent.returns: _IntentSpec(
-        ("return_window",),
-        (
-            "How long do I have to return the {item}?",
-            "Can I still send back the {item} I bought?",
-            "What is your return policy for a {item}?",
-            "I want to return my {item}, is that possible?",
-            "Is there a deadline for returning a {item}?",
-            "How many days do I get to return items?",
-            "Do you accept returns on the {item}?",
-            "My {item} is not what I expected, can I return it?",
-            "What's the time limit to send a {item} back?",
-            "Could you explain how returns work for a {item}?",
-            "Until when can I return a purchase?",
-            "I changed my mind about the {item}, can I give it back?",
-        ),
-        (
-            "You can return the {item} within {return_window} of delivery for a full refund.",
-            "Returns are accepted within {return_window} of delivery. Start one from your orders page.",
-            "Our return window is {return_window} from delivery, so the {item} can go back if it is unused.",
-        ),
-    ),
-    Intent.refunds: _IntentSpec(
-        ("refund_time",),
-        (
-            "When will I get my refund for the {item}?",
-            "How long does a refund take?",
-            "I returned the {item}, where is my money?",
-            "How fast are refunds processed?",
-            "My refund for the {item} has not arrived yet, why?",
-            "How many days until the refund shows up?",
-            "What is the refund processing time?",
-            "When is the money for a returned {item} paid back?",
-            "Is my refund on its way?",
-            "How quickly do you refund returned items?",
-            "I sent the {item} back last week, when do I see the refund?",
-            "How long until my card is credited?",
-        ),
-        (
-            "Refunds are processed within {refund_time} after we receive the {item}.",
-            "Once the return arrives, your refund takes {refund_time} to reach your original payment method.",
-            "We issue refunds in {refund_time} from the day the returned item is checked in.",
-        ),
-    ),
-    Intent.shipping_time: _IntentSpec(
-        ("standard_shipping", "express_shipping"),
-        (
-            "How long does shipping take for a {item}?",
-            "When will my {item} arrive?",
-            "What are your delivery times?",
-            "How many days does delivery take?",
-            "How fast can you ship a {item}?",
-            "Is express delivery faster for the {item}?",
-            "What is the shipping time?",
-            "How soon would a {item} get to me?",
-            "Do you offer quick delivery?",
-            "How long until an order is delivered?",
-            "What delivery speed can I expect for a {item}?",
-            "When does standard shipping arrive?",
-        ),
-        (
-            "Standard shipping takes {standard_shipping} and express shipping takes {express_shipping}.",
-            "Your {item} ships in {standard_shipping} with standard delivery, or {express_shipping} with express.",
-            "Delivery is {standard_shipping} for standard orders; express arrives in {express_shipping}.",
-        ),
-    ),
-    Intent.shipping_fee: _IntentSpec(
-        ("free_shipping_over", "standard_fee"),
-        (
-            "How much does shipping cost for a {item}?",
-            "Is shipping free?",
-            "What is the delivery fee?",
-            "Do I have to pay for shipping on the {item}?",
-            "When do I get free shipping?",
-            "What are the shipping charges?",
-            "How much is standard delivery?",
-            "Is there a minimum order for free delivery?",
-            "Why was I charged for shipping the {item}?",
-            "Can I avoid the shipping fee?",
-            "What does it cost to ship an order?",
-            "Is delivery of a {item} included in the price?",
-        ),
-        (
-            "Shipping is free on orders over {free_shipping_over}; below that standard shipping costs {standard_fee}.",
-            "Standard shipping costs {standard_fee}, and it is free for orders over {free_shipping_over}.",
-            "Orders over {free_shipping_over} ship free. Otherwise the {item} ships for {standard_fee}.",
-        ),
-    ),
-    Intent.order_status: _IntentSpec(
-        ("tracking_delay",),
-        (
-            "Where is my order for the {item}?",
-            "How do I track my {item}?",
-            "Has my order shipped yet?",
-            "Can I see the status of my order?",
-            "I have no tracking number for the {item}, why?",
-            "How can I check where my package is?",
-            "When do I get a tracking link?",
-            "My {item} order shows no updates, what is happening?",
-            "Is there a way to follow my delivery?",
-            "What is the status of my purchase?",
-            "How do I know when the {item} has been sent?",
-            "Where can I find my tracking number?",
-        ),
-        (
-            "You get a tracking link by email within {tracking_delay} of dispatch; the order page shows live status.",
-            "Tracking for the {item} appears within {tracking_delay} after it ships, on your orders page.",
-            "Order status is on your orders page, and the tracking number is sent within {tracking_delay} of dispatch.",
-        ),
-    ),
-    Intent.warranty: _IntentSpec(
-        ("warranty",),
-        (
-            "What warranty does the {item} have?",
-            "Is the {item} under warranty?",
-            "How long is the warranty?",
-            "My {item} broke, is it covered?",
-            "Do your products come with a guarantee?",
-            "Can I get a repair under warranty for my {item}?",
-            "What does the warranty cover?",
-            "How long are items guaranteed for?",
-            "The {item} stopped working, what are my options?",
-            "Is there a manufacturer warranty?",
-            "How do I make a warranty claim for the {item}?",
-            "For how long is a {item} covered against defects?",
-        ),
-        (
-            "The {item} comes with a {warranty} warranty against manufacturing defects.",
-            "All products are covered by a {warranty} warranty; open a claim from your orders page.",
-            "Defects are covered for {warranty} from delivery, so we can repair or replace the {item}.",
-        ),
-    ),
-    Intent.account: _IntentSpec(
-        ("reset_link_valid",),
-        (
-            "I forgot my password, what do I do?",
-            "How do I reset my password?",
-            "I can't log in to my account.",
-            "My password reset link does not work.",
-            "How can I change my account password?",
-            "I am locked out of my account, help.",
-            "Where do I reset my login details?",
-            "The reset email link expired, why?",
-            "How long is a password reset link valid?",
-            "I need to get back into my account.",
-            "Can you help me recover my account?",
-            "Why can't I sign in anymore?",
-        ),
-        (
-            "Use Forgot password on the sign-in page; the reset link we email you is valid for {reset_link_valid}.",
-            "Request a reset from the sign-in page. The link stays valid for {reset_link_valid}.",
-            "We email a password reset link that expires after {reset_link_valid}; request a new one if it lapsed.",
-        ),
-    ),
-    Intent.cancellation: _IntentSpec(
-        ("cancel_window",),
-        (
-            "Can I cancel my order for the {item}?",
-            "How do I cancel an order?",
-            "I ordered the {item} by mistake, can I cancel?",
-            "Is it too late to cancel my order?",
-            "What is the cancellation policy?",
-            "How long do I have to cancel?",
-            "Please cancel my {item} order.",
-            "Can an order be cancelled after payment?",
-            "I want to stop my order of the {item}.",
-            "Until when can I cancel a purchase?",
-            "Can I undo my order?",
-            "How do I call off an order for a {item}?",
-        ),
-        (
-            "You can cancel within {cancel_window} of placing the order from your orders page.",
-            "Orders can be cancelled for {cancel_window} after checkout; after that, return the {item} instead.",
-            "Cancellation is possible within {cancel_window} of ordering; later orders have already been packed.",
-        ),
-    ),
-    Intent.payment: _IntentSpec(
-        ("payment_methods",),
-        (
-            "Which payment methods do you accept?",
-            "Can I pay for the {item} with PayPal?",
-            "How can I pay for my order?",
-            "Do you take credit cards?",
-            "What are the payment options?",
-            "Can I use my card to buy the {item}?",
-            "Is Apple Pay accepted?",
-            "Which cards can I use?",
-            "What ways can I pay for a {item}?",
-            "Do you accept debit cards?",
-            "How do I pay at checkout?",
-            "Which payment types work for the {item}?",
-        ),
-        (
-            "We accept {payment_methods}.",
-            "At checkout you can pay with {payment_methods}.",
-            "You can pay for the {item} with {payment_methods}.",
-        ),
-    ),
-    Intent.exchange: _IntentSpec(
-        ("exchange_window",),
-        (
-            "Can I exchange the {item} for another size?",
-            "How do exchanges work?",
-            "I want a different color of the {item}.",
-            "Can I swap my {item} for another model?",
-            "Is it possible to exchange an item?",
-            "How long do I have to exchange a {item}?",
-            "What is your exchange policy?",
-            "Can I trade the {item} for something else?",
-            "The {item} does not fit, can I exchange it?",
-            "Do you do exchanges instead of refunds?",
-            "How do I get a replacement size?",
-            "Until when is an exchange possible?",
-        ),
-        (
-            "You can exchange the {item} within {exchange_window} of delivery at no cost.",
-            "Exchanges are free within {exchange_window} of delivery; choose the new size or color on your orders page.",
-            "We exchange items within {exchange_window} from delivery, so the {item} can be swapped.",
-        ),
-    ),
-}
+class IntentSpec(BaseModel):
+    """One intent of the corpus: the facts its answers state and how it is asked and answered."""
 
-_ITEMS = (
-    "jacket", "laptop bag", "coffee maker", "desk lamp", "running shoes", "backpack", "blender",
-    "headphones", "office chair", "water bottle", "phone case", "keyboard", "monitor stand",
-    "yoga mat", "winter coat", "tea kettle", "smart watch", "camera strap", "sofa cushion",
-    "bike helmet", "rain boots", "cookware set", "travel mug", "wireless mouse", "tablet cover",
-)  # fmt: skip
-_OPENERS = ("", "Hi, ", "Hello, ", "Hey there. ", "Good morning! ", "Quick question: ")
-_CLOSERS = ("", " Thanks!", " Thank you.", " Please help.", " Thanks in advance.")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-# Phrasing templates 0..7 go to train, 8..9 to eval, 10..11 to holdout: eval and holdout
-# hold wordings the model never saw in training.
-_SPLIT_OF_TEMPLATE = {**dict.fromkeys(range(8), "train"), 8: "eval", 9: "eval", 10: "holdout", 11: "holdout"}
+    facts: tuple[str, ...] = Field(min_length=1, description="Keys into the policy table.")
+    questions: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        min_length=3, description="Phrasing templates ({item} slot); at least one per split."
+    )
+    answers: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        min_length=1, description="Answer templates over {item} and the policy's fact keys."
+    )
 
 
-def policy_facts(policy_version: str) -> dict[str, str]:
-    """The policy table of one version (a copy)."""
-    if policy_version not in POLICIES:
-        raise ValueError(f"unknown policy version {policy_version!r}; known: {', '.join(POLICIES)}")
-    return dict(POLICIES[policy_version])
+class NoiseSpec(BaseModel):
+    """How often each kind of noise is applied to a composed prompt (0 = never)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    synonym: float = Field(0.0, ge=0, le=1, description="Per occurrence of a synonyms phrase.")
+    typo: float = Field(0.0, ge=0, le=1, description="One letter swapped, dropped or doubled in the frame.")
+    lowercase: float = Field(0.0, ge=0, le=1, description="The whole prompt in lower case.")
+    no_punctuation: float = Field(0.0, ge=0, le=1, description="?!., removed.")
 
 
-def template_split(template: int) -> str:
-    """The split a phrasing template belongs to."""
-    return _SPLIT_OF_TEMPLATE[template]
+class CorpusSpec(BaseModel):
+    """The whole corpus as data, checked for consistency on load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policies: dict[
+        Annotated[str, Field(pattern=_NAME)],
+        dict[Annotated[str, Field(pattern=_NAME)], Annotated[str, Field(min_length=1)]],
+    ] = Field(min_length=1, description="Policy table by version, oldest first.")
+    intents: dict[Annotated[str, Field(pattern=_NAME)], IntentSpec] = Field(min_length=1)
+    items: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
+    openers: tuple[str, ...] = Field(min_length=1, description='Said before a question ("" = nothing).')
+    closers: tuple[str, ...] = Field(min_length=1, description='Said after a question ("" = nothing).')
+    synonyms: dict[Annotated[str, Field(min_length=1)], tuple[Annotated[str, Field(min_length=1)], ...]] = (
+        Field(default_factory=dict, description="Phrase of a frame -> wordings that may replace it.")
+    )
+    noise: NoiseSpec = Field(default_factory=NoiseSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CorpusSpec:
+        problems: list[str] = []
+        first, *others = self.policies
+        keys = set(self.policies[first])
+        for version in others:
+            table = set(self.policies[version])
+            if table != keys:
+                # Every version must state every fact: directional checks compare them key by key.
+                what = [f"missing {', '.join(sorted(keys - table))}"] if keys - table else []
+                what += [f"extra {', '.join(sorted(table - keys))}"] if table - keys else []
+                problems.append(f"policies.yaml policies.{version}: {'; '.join(what)} (against {first})")
+        seen: dict[str, str] = {}
+        for name, intent in self.intents.items():
+            where = f"intents.yaml intents.{name}"
+            unknown = [f for f in intent.facts if f not in keys]
+            if unknown:
+                problems.append(f"{where}.facts: unknown fact key(s) {', '.join(unknown)}")
+            for n, question in enumerate(intent.questions):
+                problems += _template_problems(question, {"item"}, (), f"{where}.questions[{n}]")
+                # The same wording in two places would put one prompt in two splits (a leak).
+                key = question.strip().lower()
+                if key in seen:
+                    problems.append(f"{where}.questions[{n}]: duplicate of {seen[key]}")
+                seen.setdefault(key, f"{name}.questions[{n}]")
+            for n, answer in enumerate(intent.answers):
+                problems += _template_problems(answer, {"item", *keys}, intent.facts, f"{where}.answers[{n}]")
+            # A question is answered only by answers that name its product exactly when it has one.
+            for has_item in {_answer_names_item(name, q) for q in intent.questions}:
+                if not any(("{item}" in a) == has_item for a in intent.answers):
+                    kind = "with" if has_item else "without"
+                    problems.append(
+                        f"{where}.answers: questions {kind} {{item}} need an answer {kind} {{item}}"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
-def generate_corpus(rows: int = 2400, policy_version: str = "v1", seed: int = 0) -> dict[str, list[SFTRow]]:
-    """Generate the support corpus, deterministically for (rows, policy_version, seed).
+def _answer_names_item(intent: str, question: str) -> bool:
+    """Whether the answers to a question name its product: when it has one, except for refusals."""
+    return "{item}" in question and intent != OUT_OF_SCOPE
+
+
+def _template_problems(template: str, allowed: set[str], required: Sequence[str], where: str) -> list[str]:
+    """What is wrong with one template: bad braces, unknown slots, facts it does not state."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        return [f"{where}: {exc} (write a literal brace as {{{{ or }}}})"]
+    problems = []
+    if fields - allowed:
+        problems.append(f"{where}: unknown slot(s) {', '.join(sorted(fields - allowed))}")
+    if missing := [f for f in required if f not in fields]:
+        # The row's facts must be in its response, or fact accuracy scores every model wrong.
+        problems.append(f"{where}: does not state fact(s) {', '.join(missing)}")
+    return problems
+
+
+def load_corpus(folder: Path | None = None) -> CorpusSpec:
+    """Read and check the corpus data files.
+
+    Args:
+        folder: a folder holding ``policies.yaml``, ``intents.yaml`` and ``slots.yaml``;
+            None: the data shipped in the package (read once per process).
+
+    Returns:
+        The checked corpus.
+
+    Raises:
+        InvalidInput: a file is missing, is not YAML, or a field is wrong (the message names
+            the file and the field).
+    """
+    if folder is None:
+        return _shipped_corpus()
+    folder = to_path(folder)
+    if not folder.is_dir():
+        raise InvalidInput(f"corpus folder {folder} does not exist")
+    return _load_corpus(folder, str(folder))
+
+
+@functools.cache
+def _shipped_corpus() -> CorpusSpec:
+    return _load_corpus(resources.files("components") / "corpus", "components/corpus")
+
+
+def _load_corpus(folder: Traversable | Path, shown: str) -> CorpusSpec:
+    raw: dict[str, Any] = {}
+    file_of: dict[str, str] = {}  # top-level field → the file it came from (typos included)
+    for name in CORPUS_FILES:
+        file = folder / name
+        if not file.is_file():
+            raise InvalidInput(
+                f"{shown}/{name}: no such file (a corpus folder holds {', '.join(CORPUS_FILES)})"
+            )
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{shown}/{name}: not valid YAML: {_one_line(exc)}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{shown}/{name}: must be a mapping of field names")
+        for key, value in data.items():
+            if _FILE_OF_FIELD.get(key, name) != name:
+                raise InvalidInput(f"{shown}/{name}: field {key!r} belongs in {_FILE_OF_FIELD[key]}")
+            raw[key], file_of[str(key)] = value, name
+    try:
+        return CorpusSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False):
+            loc = ".".join(str(part) for part in error["loc"])
+            msg = error["msg"].removeprefix("Value error, ")
+            if loc:
+                top = str(error["loc"][0])
+                lines.append(f"{shown}/{file_of.get(top) or _FILE_OF_FIELD.get(top, '?')}: {loc}: {msg}")
+            else:  # a consistency problem: its message names the file and field itself
+                lines.append(f"{shown}: {msg}")
+        raise InvalidInput("invalid corpus data: " + "; ".join(lines)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def policy_versions(spec: CorpusSpec | None = None) -> tuple[str, ...]:
+    """The known policy versions, in the order the policy table lists them (oldest first).
+
+    Args:
+        spec: the corpus; None: the shipped one.
+
+    Returns:
+        Version names such as ``("v1", "v2")``.
+    """
+    return tuple((spec or load_corpus()).policies)
+
+
+def policy_facts(policy_version: str, spec: CorpusSpec | None = None) -> dict[str, str]:
+    """The policy table of one version (a copy).
+
+    Args:
+        policy_version: a name from :func:`policy_versions`.
+        spec: the corpus; None: the shipped one.
+
+    Returns:
+        Fact key → fact text.
+
+    Raises:
+        NotFound: the version is not in the policy table (the message lists the known ones).
+    """
+    policies = (spec or load_corpus()).policies
+    if policy_version not in policies:
+        raise NotFound(f"unknown policy version {policy_version!r}; known: {', '.join(policies)}")
+    return dict(policies[policy_version])
+
+
+def intents(spec: CorpusSpec | None = None) -> tuple[str, ...]:
+    """The corpus's intent names, in file order.
+
+    Args:
+        spec: the corpus; None: the shipped one.
+
+    Returns:
+        Intent names such as ``("returns", "refunds", …)``.
+    """
+    return tuple((spec or load_corpus()).intents)
+
+
+def template_split(index: int, count: int) -> str:
+    """The split a phrasing template belongs to, by its position among its intent's templates.
+
+    The last ~1/6 of the templates go to holdout and the ~1/6 before them to eval (at least one
+    each), the rest to train: eval and holdout hold wordings the model never saw in training.
+
+    Args:
+        index: the template's position (0-based).
+        count: how many templates the intent has (at least 3).
+
+    Returns:
+        ``train``, ``eval`` or ``holdout``.
+    """
+    if count < 3 or not 0 <= index < count:
+        raise ValueError(f"template {index} of {count}: need 0 <= index < count and count >= 3")
+    held = max(1, round(count / 6))
+    if index >= count - held:
+        return "holdout"
+    return "eval" if index >= count - 2 * held else "train"
+
+
+def generate_corpus(
+    rows: int = 2400, policy_version: str | None = None, seed: int = 0, spec: CorpusSpec | None = None
+) -> dict[str, list[SFTRow]]:
+    """Generate the support corpus, deterministically for (rows, policy_version, seed, spec).
 
     Args:
         rows: total rows across all splits (at least one per phrasing template).
-        policy_version: which policy table the answers state.
+        policy_version: which policy table the answers state; None: the first one.
         seed: seed of the slot filling.
+        spec: the corpus data; None: the shipped one.
 
     Returns:
         Rows by split (``train``, ``eval``, ``holdout``); splits share no phrasing template.
+
+    Raises:
+        NotFound: an unknown policy version.
+        InvalidInput: fewer rows than phrasing templates.
     """
-    policy = policy_facts(policy_version)
-    templates = [(intent, t) for intent, spec in _INTENTS.items() for t in range(len(spec.questions))]
+    spec = spec or load_corpus()
+    policy_version = policy_version or policy_versions(spec)[0]
+    policy = policy_facts(policy_version, spec)
+    templates = [(name, t) for name, intent in spec.intents.items() for t in range(len(intent.questions))]
     if rows < len(templates):
-        raise ValueError(f"rows must be at least {len(templates)} (one per phrasing template)")
+        raise InvalidInput(f"rows must be at least {len(templates)} (one per phrasing template), got {rows}")
     rng = random.Random(f"{seed}:{policy_version}")
     per_template = [rows // len(templates) + (i < rows % len(templates)) for i in range(len(templates))]
+    splits = [template_split(t, len(spec.intents[name].questions)) for name, t in templates]
     out: dict[str, list[SFTRow]] = {split: [] for split in SPLITS}
-    for (intent, t), count in zip(templates, per_template, strict=True):
-        spec = _INTENTS[intent]
-        facts = [policy[key] for key in spec.facts]
-        seen: set[tuple[str, str]] = set()
+    # Every prompt is unique across the corpus (compared as the model's normalization would):
+    # held-out frames are filled first, so noise can never turn a train prompt into one of theirs.
+    taken: set[str] = set()
+    order = sorted(range(len(templates)), key=lambda i: splits[i] == "train")
+    filled: dict[int, list[SFTRow]] = {}
+    for i in order:
+        (name, t), count = templates[i], per_template[i]
+        intent = spec.intents[name]
+        facts = [policy[key] for key in intent.facts]
+        frame = intent.questions[t]
+        # The customer's own product: a question with {item} gets an answer that names it.
+        answers = [a for a in intent.answers if ("{item}" in a) == _answer_names_item(name, frame)]
+        filled[i] = rows_here = []
         for _attempt in range(count * 50):
-            if len(seen) == count:
+            if len(rows_here) == count:
                 break
-            item = rng.choice(_ITEMS)
-            question = spec.questions[t].format(item=item)
-            prompt = f"{rng.choice(_OPENERS)}{question}{rng.choice(_CLOSERS)}".strip()
-            response = rng.choice(spec.answers).format(item=item, **policy)
-            if (prompt, response) in seen:
+            item = rng.choice(spec.items) if "{item}" in frame else ""
+            prompt = compose_prompt(frame, item, spec, rng)
+            key = _prompt_key(prompt)
+            if key in taken:
                 continue
-            seen.add((prompt, response))
-            out[template_split(t)].append(
+            taken.add(key)
+            response = rng.choice(answers).format(item=item, **policy)
+            rows_here.append(
                 SFTRow(
-                    id=_row_id(policy_version, intent, t, prompt, response),
+                    id=_row_id(policy_version, name, t, prompt, response),
                     prompt=prompt,
                     response=response,
-                    intent=intent,
+                    intent=name,
                     policy_version=policy_version,
                     facts=facts,
-                    source=f"corpus/{intent.value}/t{t:02d}",
+                    source=f"corpus/{name}/t{t:02d}",
                 )
             )
-        else:  # pragma: no cover - guarded by the slot space being far larger than `count`
-            raise RuntimeError(
-                f"could not fill {count} unique rows for {intent}/t{t} after {count * 50} tries"
+        else:
+            # A template without {item} has only openers × closers × noise distinct prompts.
+            raise InvalidInput(
+                f"could not fill {count} unique rows for {name}/t{t:02d}: its slots allow fewer; "
+                "ask for fewer rows or add items, openers, closers, synonyms or noise"
             )
+    for i in range(len(templates)):  # rows in template order within each split
+        out[splits[i]].extend(filled[i])
     return out
+
+
+def compose_prompt(frame: str, item: str, spec: CorpusSpec, rng: random.Random) -> str:
+    """One customer prompt from a frame: synonyms and a typo in the frame's words, the product, an
+    opener and a closer, then casing and punctuation noise (all drawn from ``rng``).
+
+    Args:
+        frame: a question template (``{item}`` optional).
+        item: the product named in the question ("" for a frame without ``{item}``).
+        spec: the corpus (openers, closers, synonyms, noise rates).
+        rng: the generator's random stream.
+
+    Returns:
+        The prompt, stripped. The product name is never misspelled.
+    """
+    noise = spec.noise
+    text = frame
+    for phrase in sorted(spec.synonyms, key=len, reverse=True):
+        alternatives = spec.synonyms[phrase]
+        text = _phrase_pattern(phrase).sub(
+            lambda m, alts=alternatives: rng.choice(alts) if rng.random() < noise.synonym else m.group(), text
+        )
+    parts = text.split("{item}")
+    if rng.random() < noise.typo:
+        words = [
+            (p, m.start(), m.end())
+            for p, part in enumerate(parts)
+            for m in re.finditer(r"[A-Za-z]{4,}", part)
+        ]
+        if words:
+            p, start, end = rng.choice(words)
+            parts[p] = parts[p][:start] + _typo(parts[p][start:end], rng) + parts[p][end:]
+    question = item.join(parts)
+    prompt = f"{rng.choice(spec.openers)}{question}{rng.choice(spec.closers)}"
+    if rng.random() < noise.lowercase:
+        prompt = prompt.lower()
+    if rng.random() < noise.no_punctuation:
+        prompt = prompt.translate(_PUNCTUATION)
+    return " ".join(prompt.split())
+
+
+_PUNCTUATION = str.maketrans("", "", "?!.,")
+
+
+@functools.lru_cache(maxsize=256)
+def _phrase_pattern(phrase: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<!\w){re.escape(phrase)}(?!\w)")
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    """The word with one slip of the keyboard: two inner letters swapped, one dropped or doubled."""
+    k = rng.randrange(1, len(word) - 1)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return word[:k] + word[k + 1] + word[k] + word[k + 2 :]
+    if kind == 1:
+        return word[:k] + word[k + 1 :]
+    return word[:k] + word[k] + word[k:]
+
+
+def _prompt_key(prompt: str) -> str:
+    """What makes two prompts the same wording: case and spacing do not."""
+    return " ".join(prompt.lower().split())
 
 
 def _row_id(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
+def corpus_texts(seed: int = 0, spec: CorpusSpec | None = None) -> list[str]:
+    """Every prompt and response of every policy version: the tokenizer's training text.
+
+    Args:
+        seed: seed of the slot filling.
+        spec: the corpus data; None: the shipped one.
+
+    Returns:
+        Texts, four rows per phrasing template and policy version.
+    """
+    spec = spec or load_corpus()
+    templates = sum(len(intent.questions) for intent in spec.intents.values())
+    texts: list[str] = []
+    for version in policy_versions(spec):
+        for rows in generate_corpus(templates * 4, version, seed, spec).values():
+            texts.extend(t for r in rows for t in (r.prompt, r.response))
+    return texts
+
+
 # Snapshots ---------------------------------------------------------------------------------
+
+
+class DatasetNotFound(NotFound):
+    """No dataset matches what the user named, or a file it lists is missing."""
 
 
 def _row_dict(row: SFTRow | Mapping) -> dict:
     return row.model_dump(mode="json") if isinstance(row, SFTRow) else dict(row)
 
 
+def _json_line(row: SFTRow | Mapping) -> str:
+    line = json.dumps(_row_dict(row), sort_keys=True, ensure_ascii=False)
+    # A lone surrogate (from a "\ud800" escape) cannot be UTF-8: keep it as its JSON escape, so
+    # the file stays valid UTF-8 and reading it back gives the same string, for validation to judge.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", line) if _SURROGATE.search(line) else line
+
+
 def _split_bytes(rows: Iterable[SFTRow | Mapping]) -> bytes:
-    lines = (json.dumps(_row_dict(r), sort_keys=True, ensure_ascii=False) for r in rows)
-    # surrogatepass: a lone surrogate from a JSON escape must reach validation, not crash hashing.
-    return "".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")
+    return "".join(_json_line(r) + "\n" for r in rows).encode("utf-8")
 
 
 def _content_sha256(blobs: Mapping[str, bytes]) -> str:
@@ -406,19 +494,19 @@ def snapshot(
     """
     blobs = {name: _split_bytes(rows) for name, rows in splits.items()}
     sha = _content_sha256(blobs)
-    target = Path(datasets_dir) / sha
+    target = to_path(datasets_dir) / sha
     if (target / REF_FILE).exists():
-        return DatasetRef.model_validate_json((target / REF_FILE).read_text())
+        return _read_ref(target / REF_FILE)
     versions = sorted({_row_dict(r).get("policy_version") for rows in splits.values() for r in rows} - {None})
     ref = DatasetRef(
-        uri=target.as_uri(),
+        uri=to_uri(target),
         sha256=sha,
         rows=sum(len(rows) for rows in splits.values()),
         splits={name: len(rows) for name, rows in splits.items()},
         created_at=datetime.now(UTC),
         parents=list(parents),
         feedback_ids=sorted(feedback_ids),
-        policy_version=",".join(versions) or None,
+        policy_version=",".join(map(str, versions)) or None,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temp folder, then rename: a crash never leaves a half snapshot under its sha.
@@ -426,35 +514,130 @@ def snapshot(
     try:
         for name, blob in blobs.items():
             (tmp / f"{name}.jsonl").write_bytes(blob)
-        (tmp / REF_FILE).write_text(ref.model_dump_json(indent=2))
+        (tmp / REF_FILE).write_text(ref.model_dump_json(indent=2), encoding="utf-8")
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / REF_FILE).exists():
             raise
-        return DatasetRef.model_validate_json((target / REF_FILE).read_text())
+        return _read_ref(target / REF_FILE)
     log.info("snapshot %s: %d rows %s", sha[:12], ref.rows, ref.splits)
     return ref
 
 
+def _read_ref(file: Path) -> DatasetRef:
+    return DatasetRef.model_validate_json(file.read_text(encoding="utf-8"))
+
+
+def latest_snapshot(datasets_dir: Path) -> DatasetRef | None:
+    """The most recently created snapshot under ``datasets_dir``, by its ref's ``created_at``.
+
+    Writing existing content again keeps its original ``created_at`` (snapshots are
+    content-addressed), so re-seeding an older corpus does not make it the latest.
+
+    Args:
+        datasets_dir: folder that holds all snapshots (``<home>/datasets``).
+
+    Returns:
+        The newest snapshot's ref, or None when there is none.
+    """
+    folder = to_path(datasets_dir)
+    if not folder.is_dir():
+        return None
+    refs = []
+    for child in folder.iterdir():
+        file = child / REF_FILE
+        if child.name.startswith(".") or not file.is_file():
+            continue  # temp folders of a snapshot being written
+        try:
+            refs.append(_read_ref(file))
+        except (OSError, ValueError) as exc:
+            log.warning("skipping %s: unreadable ref (%s)", child, _one_line(exc))
+    return max(refs, key=lambda ref: (ref.created_at, ref.sha256), default=None)
+
+
 def dataset_path(ref: DatasetRef) -> Path:
-    """Local folder of a snapshot."""
-    uri = ref.uri
-    return Path(uri.removeprefix("file://")) if uri.startswith("file://") else Path(uri)
+    """Local folder of a snapshot (or file, for a single-file dataset).
+
+    Raises:
+        InvalidInput: the dataset is not on a local file system.
+    """
+    try:
+        return to_path(ref.uri)
+    except ValueError as exc:
+        raise InvalidInput(f"dataset {ref.sha256[:12]}: {exc}") from None
 
 
-def read_split(path: Path | DatasetRef, split: str) -> list[dict]:
-    """Rows of one split of a snapshot folder (empty if the split is absent)."""
-    folder = dataset_path(path) if isinstance(path, DatasetRef) else Path(path)
+def read_split(path: Path | str | DatasetRef, split: str) -> list[dict]:
+    """Rows of one split of a snapshot.
+
+    A split the dataset does not have (its ref does not list it) reads as no rows; a split
+    it lists whose file is missing is an error, never an empty list.
+
+    Args:
+        path: the snapshot's ref, folder (path or ``file://`` URI), or a single JSONL file
+            (its ``train`` split).
+        split: ``train``, ``eval`` or ``holdout``.
+
+    Returns:
+        The split's raw rows.
+
+    Raises:
+        DatasetNotFound: the dataset or a split file it lists is missing.
+        InvalidInput: the file is not UTF-8 JSON Lines of objects.
+    """
+    listed: Mapping[str, int] | None = None
+    if isinstance(path, DatasetRef):
+        folder, listed = dataset_path(path), path.splits
+    else:
+        folder = to_path(path)
+    if folder.is_file():
+        return _read_jsonl(folder) if split == "train" else []
+    if not folder.is_dir():
+        raise DatasetNotFound(f"dataset folder {folder}: no such folder")
     file = folder / f"{split}.jsonl"
-    if not file.exists():
+    if file.is_file():
+        return _read_jsonl(file)
+    if listed is None and (folder / REF_FILE).is_file():
+        listed = _read_ref(folder / REF_FILE).splits
+    if listed is not None and split not in listed:
         return []
-    with file.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    raise DatasetNotFound(f"{file}: no such file (the dataset's {split} split is missing)")
 
 
-class DatasetNotFound(LookupError):
-    """No dataset matches what the user named."""
+def _read_jsonl(file: Path) -> list[dict]:
+    """The JSON objects of a JSON Lines file (UTF-8, a BOM and CRLF line ends accepted)."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise DatasetNotFound(f"{file}: no such file") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InvalidInput(
+            f"{file}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+    if text.lstrip().startswith("["):
+        raise InvalidInput(
+            f"{file}: holds a JSON array; a dataset file is JSON Lines, one JSON object per line"
+        )
+    rows: list[dict] = []
+    # Only "\n" ends a line: str.splitlines would also cut at U+2028 or U+0085 inside a string.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{file}:{n}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise InvalidInput(f"{file}:{n}: each line must be a JSON object, not {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+_SHA_PREFIX = re.compile(r"^[0-9a-f]{1,64}$")
 
 
 def open_dataset(path_or_sha: str, datasets_dir: Path) -> tuple[DatasetRef, dict[str, list[dict]]]:
@@ -463,51 +646,38 @@ def open_dataset(path_or_sha: str, datasets_dir: Path) -> tuple[DatasetRef, dict
     The sha256 is recomputed from the files, so an edited copy is judged on what it holds.
     A single JSONL file counts as a ``train`` split.
 
+    Args:
+        path_or_sha: a sha256 or its prefix, or a path / ``file://`` URI of a folder or file.
+        datasets_dir: folder that holds all snapshots (``<home>/datasets``).
+
     Returns:
         The dataset's ref and its raw rows by split.
 
     Raises:
-        DatasetNotFound: nothing matches, or a sha prefix is ambiguous.
-        ValueError: a file is not valid JSONL.
+        DatasetNotFound: nothing matches, a sha prefix is ambiguous, or a listed split is missing.
+        InvalidInput: a file is not UTF-8 JSON Lines of objects, or the name is not a local path.
     """
-    candidate = Path(path_or_sha).expanduser()
+    if not path_or_sha.strip():
+        raise InvalidInput("name a dataset: a sha256 (or prefix), a snapshot folder or a .jsonl file")
+    try:
+        candidate = to_path(path_or_sha)
+    except ValueError as exc:
+        raise InvalidInput(f"dataset {path_or_sha!r}: {exc}") from None
     if candidate.is_file():
         files = {"train": candidate}
     else:
         if not candidate.is_dir():
-            matches = sorted(p for p in Path(datasets_dir).glob(f"{path_or_sha}*") if p.is_dir())
-            if len(matches) != 1:
-                what = "no dataset" if not matches else f"{len(matches)} datasets"
-                raise DatasetNotFound(f"{what} matches {path_or_sha!r} (looked in {datasets_dir})")
-            candidate = matches[0]
-        files = {
-            split: candidate / f"{split}.jsonl" for split in SPLITS if (candidate / f"{split}.jsonl").exists()
-        }
-        if not files:
-            raise DatasetNotFound(f"{candidate} holds no train/eval/holdout .jsonl files")
-    rows: dict[str, list[dict]] = {}
-    blobs: dict[str, bytes] = {}
-    for split, file in files.items():
-        blobs[split] = file.read_bytes()
-        rows[split] = []
-        for n, line in enumerate(blobs[split].decode("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{file}:{n}: each line must be a JSON object")
-            rows[split].append(row)
+            candidate = _snapshot_by_prefix(path_or_sha, to_path(datasets_dir))
+        files = _split_files(candidate)
+    rows = {split: _read_jsonl(file) for split, file in files.items()}
     sha = _content_sha256({s: _split_bytes(r) for s, r in rows.items()})
     stored = candidate / REF_FILE if candidate.is_dir() else None
-    if stored and stored.exists():
-        ref = DatasetRef.model_validate_json(stored.read_text())
+    if stored and stored.is_file():
+        ref = _read_ref(stored)
         if ref.sha256 == sha:
             return ref, rows
     ref = DatasetRef(
-        uri=candidate.resolve().as_uri(),
+        uri=to_uri(candidate),
         sha256=sha,
         rows=sum(map(len, rows.values())),
         splits={s: len(r) for s, r in rows.items()},
@@ -516,10 +686,35 @@ def open_dataset(path_or_sha: str, datasets_dir: Path) -> tuple[DatasetRef, dict
     return ref, rows
 
 
-def corpus_texts(seed: int = 0) -> list[str]:
-    """Every prompt and response of every policy version: the tokenizer's training text."""
-    texts: list[str] = []
-    for version in POLICY_VERSIONS:
-        for rows in generate_corpus(len(_INTENTS) * 12 * 4, version, seed).values():
-            texts.extend(t for r in rows for t in (r.prompt, r.response))
-    return texts
+def _snapshot_by_prefix(name: str, datasets_dir: Path) -> Path:
+    """The one snapshot folder whose sha256 starts with ``name``."""
+    if not _SHA_PREFIX.match(name):
+        raise DatasetNotFound(f"no dataset matches {name!r}: no such file or folder")
+    matches = sorted(
+        p
+        for p in (datasets_dir.iterdir() if datasets_dir.is_dir() else ())
+        if p.name.startswith(name) and p.is_dir()
+    )
+    if len(matches) != 1:
+        if matches:
+            raise DatasetNotFound(f"{len(matches)} datasets match {name!r}: give more of the sha256")
+        raise DatasetNotFound(
+            f"no dataset matches {name!r}: no such file or folder, and no snapshot in {datasets_dir} starts with it"
+        )
+    return matches[0]
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    """The split files of a dataset folder; a split its ref lists must have its file."""
+    files = {split: folder / f"{split}.jsonl" for split in SPLITS if (folder / f"{split}.jsonl").is_file()}
+    if (folder / REF_FILE).is_file():
+        listed = _read_ref(folder / REF_FILE).splits
+        files.update({s: folder / f"{s}.jsonl" for s in listed if (folder / f"{s}.jsonl").is_file()})
+        missing = [s for s in listed if s not in files]
+        if missing:
+            raise DatasetNotFound(
+                f"{folder}: no such file {', '.join(f'{s}.jsonl' for s in missing)} (listed in {REF_FILE})"
+            )
+    if not files:
+        raise DatasetNotFound(f"{folder} holds no train/eval/holdout .jsonl files")
+    return files

@@ -2,28 +2,27 @@
 
 Both models are scored on one deterministic subsample of the eval + holdout splits with the
 same generation parameters: loss per response token (prompt masked, as in training), fact
-accuracy, ROUGE-L and chrF on greedy answers, behavioural checks (invariance, directional),
+accuracy (overall, per split and per intent), product-name accuracy (the answer names the product
+the question asked about), refusal accuracy on out-of-scope prompts and false refusals on in-scope
+ones, ROUGE-L and chrF on greedy answers, behavioural checks (invariance, directional),
 single-prompt latency, and fact accuracy on the replay set (prompts users marked bad).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
 import math
 import re
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
+from components.errors import InvalidInput
 from components.schemas import SPLITS, DatasetRef, EvalReport, GenerationParams, ModelScores
 from components.tracking import client as tracking_client
 from components.tracking import experiment_id
@@ -31,8 +30,9 @@ from components.tracking import experiment_id
 if TYPE_CHECKING:  # heavy imports stay inside functions
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from components.data import CorpusSpec
+    from components.predict import Predictor
     from components.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ log = logging.getLogger(__name__)
 EVAL_SPLITS = ("eval", "holdout")
 # Greedy decoding (do_sample defaults to False): evaluation must be deterministic.
 DEFAULT_GENERATION = GenerationParams(max_new_tokens=64)
-BATCH_SIZE = 32
+BATCH_SIZE = 32  # rows per eval-loss forward pass
 INVARIANCE_PROMPTS = 12  # originals per evaluation; each gets every variant below
-SMALL_MODEL_PARAMETERS = 50_000_000  # below this, decode on one CPU thread (see _cpu_threads)
 LATENCY_PROMPTS = 8  # single-prompt generations timed per model
 FAILURES_SHOWN = 5  # failing cases kept per check in the report
 REPORT_ARTIFACT = "evaluation/report.json"
@@ -57,8 +56,6 @@ _VARIANTS: dict[str, Callable[[str], str]] = {
     # Identical after normalize_prompt: guards that every path normalizes user text.
     "extra_whitespace": lambda p: "  " + "   ".join(p.split()) + " \n",
 }
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))/?$")
-_TEMPLATE_MARKER = "###"  # the prompt template's section marker: a new turn starts there
 
 
 @dataclass(frozen=True)
@@ -69,11 +66,20 @@ class _Example:
     response: str
     facts: tuple[str, ...]
     policy_version: str | None
+    intent: str = ""
+
+
+@dataclass(frozen=True)
+class _Policies:
+    vocabulary: tuple[str, ...]  # every fact string of every policy version
+    replaced: Mapping[str, Mapping[str, frozenset[str]]]  # version -> fact -> values it replaced
+    items: tuple[str, ...] = ()  # product names of the corpus, longest first
+    refusals: tuple[str, ...] = ()  # the out-of-scope answer's fact strings (every version)
 
 
 @dataclass(frozen=True)
 class _Model:
-    uri: str  # what to load (a registry alias is pinned to its version first)
+    uri: str  # what to load (a registry reference is pinned to its version first)
     label: str  # what the caller named
     version: str | None
 
@@ -91,7 +97,8 @@ def evaluate(
     """Score the candidate (and the champion) on the same examples with the same generation params.
 
     Args:
-        candidate: model URI (``models:/…``, ``runs:/…``, any artifact URI) or local HF folder.
+        candidate: what :func:`components.predict.resolve_model` accepts: ``champion``, a
+            version, ``models:/…``, ``runs:/…``, any artifact URI or a local HF folder.
         champion: the same for the model to beat; None when there is none yet.
         eval_ref: dataset whose ``eval`` and ``holdout`` splits are scored.
         replay_ref: prompts users marked bad, with corrected responses (any split); optional.
@@ -104,11 +111,21 @@ def evaluate(
     Returns:
         The report; ``run_id`` names its MLflow run when logged.
     """
+    from components.data import load_corpus, policy_versions
+
     gen = gen or DEFAULT_GENERATION
-    examples = _sample(_read_examples(eval_ref, EVAL_SPLITS), max_examples)
+    spec = load_corpus(settings.corpus_dir)
+    policies = _Policies(
+        vocabulary=fact_vocabulary(spec),
+        replaced={v: replaced_facts(v, spec) for v in policy_versions(spec)},
+        items=_items(spec),
+        refusals=refusal_facts(spec),
+    )
+    examples = _sample(_read_examples(eval_ref, EVAL_SPLITS, policies.vocabulary), max_examples)
     if not examples:
-        raise ValueError(f"dataset {eval_ref.sha256[:12]} has no eval or holdout rows to score")
-    replay = _sample([e for e in _read_examples(replay_ref, _splits(replay_ref)) if e.facts], max_examples)
+        raise InvalidInput(f"dataset {eval_ref.sha256[:12]} has no eval or holdout rows to score")
+    replay_rows = _read_examples(replay_ref, _splits(replay_ref), policies.vocabulary)
+    replay = _sample([e for e in replay_rows if e.facts], max_examples)
     if replay_ref is not None and not replay:
         log.warning(
             "replay set %s has no rows with facts: replay accuracy not measured", replay_ref.sha256[:12]
@@ -119,7 +136,7 @@ def evaluate(
     if log_to_mlflow:
         client, run_id = _start_run(settings, models, eval_ref, replay_ref, gen, max_examples)
     try:
-        scored = [_score(m, settings, examples, replay, gen) for m in models]
+        scored = [_score(m, settings, examples, replay, gen, policies) for m in models]
         (cand, failures), champ = scored[0], (scored[1][0] if len(scored) > 1 else None)
         report = EvalReport(
             candidate=cand,
@@ -151,91 +168,9 @@ def evaluate(
     return report
 
 
-def load_model_from_uri(uri: str, settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM from an MLflow model URI or a local folder; weights from safetensors only.
-
-    Args:
-        uri: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/m-…``, ``runs:/…``, any
-            artifact URI of a model logged with ``save_pretrained=True``, or a local folder (a
-            Hugging Face directory or a downloaded MLflow model).
-        settings: tracking / registry URI to resolve MLflow URIs against.
-
-    Returns:
-        The model (eval mode) and its tokenizer.
-    """
-    local = _local_dir(uri)
-    if local is not None:
-        return _load_folder(local)
-    import mlflow
-
-    from components.registry import artifact_location
-
-    location = artifact_location(uri, settings)
-    stored = _local_dir(location)
-    if stored is not None:  # a local artifact store: read it in place
-        return _load_folder(stored)
-    with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=location,
-            dst_path=tmp,
-            tracking_uri=settings.tracking_uri,
-            registry_uri=settings.tracking_uri,
-        )
-        return _load_folder(Path(path))
-
-
-def generate_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    gen: GenerationParams,
-    batch_size: int = BATCH_SIZE,
-) -> list[str]:
-    """Answer user prompts through the one prompt template: batched, left-padded, cut at EOS.
-
-    Args:
-        model: a causal LM.
-        tokenizer: its tokenizer.
-        prompts: raw user prompts (normalized and templated here).
-        gen: generation parameters (greedy unless ``do_sample``).
-        batch_size: prompts per ``generate`` call; similar lengths are batched together.
-
-    Returns:
-        One answer per prompt, in order.
-    """
-    import torch
-
-    from components.prompt import format_prompt
-
-    if not prompts:
-        return []
-    texts = [format_prompt(p) for p in prompts]
-    max_prompt = max(_context_length(model) - gen.max_new_tokens, 8)
-    kwargs = _generate_kwargs(gen, tokenizer)
-    if gen.do_sample and gen.seed is not None:
-        torch.manual_seed(gen.seed)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers = [""] * len(texts)
-    sides = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [texts[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_prompt,
-            ).to(model.device)
-            with torch.inference_mode():
-                out = model.generate(**enc, **kwargs)
-            decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(idx, decoded, strict=True):
-                answers[i] = text.split(_TEMPLATE_MARKER, 1)[0].strip()
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = sides
-    return answers
+def report_text(report: EvalReport) -> str:
+    """The report as stored in its evaluation run (``evaluation/report.json``): its sha256 is recorded."""
+    return report.model_dump_json(indent=2) + "\n"
 
 
 def states_fact(answer: str, fact: str) -> bool:
@@ -248,11 +183,156 @@ def stated_facts(answer: str, vocabulary: Sequence[str]) -> frozenset[str]:
     return frozenset(f for f in vocabulary if states_fact(answer, f))
 
 
-def fact_vocabulary() -> tuple[str, ...]:
-    """Every policy fact of every policy version (what an answer can state)."""
-    from components.data import POLICIES
+def fact_vocabulary(spec: CorpusSpec | None = None) -> tuple[str, ...]:
+    """Every policy fact of every policy version (what an answer can state).
 
-    return tuple(sorted({v for table in POLICIES.values() for v in table.values()}))
+    Args:
+        spec: the corpus; None: the shipped one.
+
+    Returns:
+        The fact strings, sorted.
+    """
+    from components.data import policy_facts, policy_versions
+
+    versions = policy_versions(spec)
+    return tuple(sorted({v for version in versions for v in policy_facts(version, spec).values()}))
+
+
+def replaced_facts(policy_version: str, spec: CorpusSpec | None = None) -> dict[str, frozenset[str]]:
+    """For each fact of a policy version, the other values its key had in the versions before it.
+
+    What a model that missed the change would still say: ``{"45 days": {"30 days"}}`` when v2
+    moved the return window from 30 to 45 days. Empty for the first version or an unknown one.
+
+    Args:
+        policy_version: a name from :func:`components.data.policy_versions`.
+        spec: the corpus; None: the shipped one.
+
+    Returns:
+        Fact string -> the values it replaced (only facts that changed).
+    """
+    from components.data import policy_facts, policy_versions
+
+    versions = policy_versions(spec)
+    if policy_version not in versions:
+        return {}
+    earlier = [policy_facts(v, spec) for v in versions[: versions.index(policy_version)]]
+    replaced: dict[str, set[str]] = {}
+    for key, value in policy_facts(policy_version, spec).items():
+        stale = {table[key] for table in earlier if key in table and table[key] != value}
+        if stale:
+            replaced.setdefault(value, set()).update(stale)
+    return {fact: frozenset(values) for fact, values in replaced.items()}
+
+
+def refusal_facts(spec: CorpusSpec | None = None) -> tuple[str, ...]:
+    """The fact strings of the out-of-scope intent's refusal, in every policy version.
+
+    Args:
+        spec: the corpus; None: the shipped one.
+
+    Returns:
+        The refusal strings (an answer that states one refuses); empty when the corpus has no
+        ``out_of_scope`` intent.
+    """
+    from components.data import OUT_OF_SCOPE, load_corpus, policy_facts, policy_versions
+
+    spec = spec or load_corpus()
+    if OUT_OF_SCOPE not in spec.intents:
+        return ()
+    keys = spec.intents[OUT_OF_SCOPE].facts
+    return tuple(sorted({policy_facts(v, spec)[k] for v in policy_versions(spec) for k in keys}))
+
+
+def asked_product(prompt: str, reference: str, items: Sequence[str]) -> str | None:
+    """The product a question asks about that its reference answer names (lower case), if any.
+
+    Args:
+        prompt: the question.
+        reference: the reference answer (a refusal names no product: no check).
+        items: product names; the longest match wins ("wireless mouse" over "mouse").
+
+    Returns:
+        The product name, or None when the question asks about none that the answer should name.
+    """
+    for item in sorted(items, key=len, reverse=True):
+        if _names(prompt, item) and _names(reference, item):
+            return item.lower()
+    return None
+
+
+def answer_quality(
+    rows: Sequence[Mapping[str, Any]],
+    answers: Sequence[str],
+    items: Sequence[str],
+    refusals: Sequence[str],
+) -> dict[str, Any]:
+    """Fact, product-name and refusal figures of a model's answers, overall and per intent.
+
+    An answer is a refusal when it states a refusal string. In-scope rows are those whose facts
+    are not refusals; a refusal there is a false refusal.
+
+    Args:
+        rows: rows with ``prompt``, ``response``, ``facts`` and ``intent``.
+        answers: the model's answer to each row.
+        items: the corpus's product names.
+        refusals: what :func:`refusal_facts` returns.
+
+    Returns:
+        ``fact_accuracy``, ``product_accuracy``, ``refusal_accuracy``, ``false_refusal_rate``
+        (None when no row measures it) and ``by_intent`` (the same figures per intent, with
+        ``n``, the rows of that intent).
+    """
+    per: dict[str, dict[str, list[bool]]] = {}
+    for row, answer in zip(rows, answers, strict=True):
+        facts = list(row.get("facts") or ())
+        intent = str(row.get("intent") or "unknown")
+        got = per.setdefault(intent, {"fact": [], "product": [], "refusal": [], "false_refusal": []})
+        if facts:
+            got["fact"].append(_states_all(answer, facts))
+        refused = any(states_fact(answer, r) for r in refusals)
+        if refusals and facts and set(facts) <= set(refusals):
+            got["refusal"].append(refused)
+        elif refusals:
+            got["false_refusal"].append(refused)
+        product = asked_product(str(row["prompt"]), str(row["response"]), items)
+        if product is not None:
+            got["product"].append(_names(answer, product))
+    names = {
+        "fact": "fact_accuracy",
+        "product": "product_accuracy",
+        "refusal": "refusal_accuracy",
+        "false_refusal": "false_refusal_rate",
+    }
+
+    def figures(groups: Sequence[Mapping[str, list[bool]]]) -> dict[str, float | None]:
+        return {
+            name: (statistics.fmean(v) if (v := [x for g in groups for x in g[kind]]) else None)
+            for kind, name in names.items()
+        }
+
+    by_intent = {
+        intent: {
+            **figures([got]),
+            "n": float(max(len(got["fact"]), len(got["refusal"]) + len(got["false_refusal"]))),
+        }
+        for intent, got in sorted(per.items())
+    }
+    return {**figures(list(per.values())), "by_intent": by_intent}
+
+
+def _items(spec: CorpusSpec) -> tuple[str, ...]:
+    return tuple(sorted({i.lower() for i in spec.items}, key=len, reverse=True))
+
+
+def _names(text: str, item: str) -> bool:
+    """Whether a text names a product as whole words, in any case (``mouse`` is not in ``mousepad``)."""
+    return _item_pattern(item.lower()).search(" ".join(text.lower().split())) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _item_pattern(item: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w-]){re.escape(' '.join(item.split()))}(?![\w-])")
 
 
 # Examples ----------------------------------------------------------------------------------
@@ -264,12 +344,13 @@ def _splits(ref: DatasetRef | None) -> tuple[str, ...]:
     return tuple(ref.splits) or SPLITS
 
 
-def _read_examples(ref: DatasetRef | None, splits: Sequence[str]) -> list[_Example]:
+def _read_examples(
+    ref: DatasetRef | None, splits: Sequence[str], vocabulary: Sequence[str]
+) -> list[_Example]:
     from components.data import read_split
 
     if ref is None:
         return []
-    vocabulary = fact_vocabulary()
     seen: set[str] = set()
     out: list[_Example] = []
     for split in splits:
@@ -281,7 +362,15 @@ def _read_examples(ref: DatasetRef | None, splits: Sequence[str]) -> list[_Examp
             # A row without facts (a free-text correction) is judged on the facts its response states.
             facts = tuple(row.get("facts") or sorted(stated_facts(row["response"], vocabulary)))
             out.append(
-                _Example(row_id, split, row["prompt"], row["response"], facts, row.get("policy_version"))
+                _Example(
+                    row_id,
+                    split,
+                    row["prompt"],
+                    row["response"],
+                    facts,
+                    row.get("policy_version"),
+                    str(row.get("intent") or ""),
+                )
             )
     return out
 
@@ -302,14 +391,12 @@ def _examples_sha256(examples: Sequence[_Example]) -> str:
 # Scoring -----------------------------------------------------------------------------------
 
 
-def _pin(uri: str, settings: Settings) -> _Model:
-    """Pin a registry URI to its version now, so an alias that moves mid-evaluation cannot mix models."""
-    if not _MODELS_URI.match(uri):
-        return _Model(uri=uri, label=uri, version=None)
-    from components.registry import resolve
+def _pin(ref: str, settings: Settings) -> _Model:
+    """Pin a registry reference to its version now, so an alias that moves mid-evaluation cannot mix models."""
+    from components.predict import resolve_model
 
-    info = resolve(uri, settings)
-    return _Model(uri=info.model_uri, label=uri, version=info.version)
+    uri, version = resolve_model(ref, settings)
+    return _Model(uri=uri, label=ref, version=version)
 
 
 def _score(
@@ -318,28 +405,30 @@ def _score(
     examples: Sequence[_Example],
     replay: Sequence[_Example],
     gen: GenerationParams,
+    policies: _Policies,
 ) -> tuple[ModelScores, dict[str, list[str]]]:
     """Every metric of one model on the given examples."""
+    from components.predict import load
+
     started = time.perf_counter()
-    model, tokenizer = load_model_from_uri(target.uri, settings)
-    with _cpu_threads(model):
-        return _score_loaded(target, model, tokenizer, examples, replay, gen, started)
+    predictor = load(target.uri, settings)
+    return _score_loaded(target, predictor, examples, replay, gen, policies, started)
 
 
 def _score_loaded(
     target: _Model,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    predictor: Predictor,
     examples: Sequence[_Example],
     replay: Sequence[_Example],
     gen: GenerationParams,
+    policies: _Policies,
     started: float,
 ) -> tuple[ModelScores, dict[str, list[str]]]:
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import CHRF
 
-    loss = _eval_loss(model, tokenizer, examples)
-    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], gen)
+    loss = _eval_loss(predictor, examples)
+    answers = _answers(predictor, [e.prompt for e in examples], gen)
     pairs = list(zip(examples, answers, strict=True))
     by_split: dict[str, list[bool]] = {}
     for example, answer in pairs:
@@ -349,10 +438,10 @@ def _score_loaded(
     rouge = statistics.fmean(scorer.score(e.response, a)["rougeL"].fmeasure for e, a in pairs)
     chrf = CHRF().corpus_score(answers, [[e.response for e in examples]]).score
 
-    vocabulary = tuple(sorted(set(fact_vocabulary()) | {f for e in examples for f in e.facts}))
+    vocabulary = tuple(sorted(set(policies.vocabulary) | {f for e in examples for f in e.facts}))
     outcomes = {
-        "invariance": _invariance(model, tokenizer, pairs, gen, vocabulary),
-        "directional": _directional(pairs),
+        "invariance": _invariance(predictor, pairs, gen, vocabulary),
+        "directional": _directional(pairs, policies.replaced),
     }
     outcomes = {name: cases for name, cases in outcomes.items() if cases}  # a check with no case did not run
     rates = {name: statistics.fmean(ok for ok, _ in cases) for name, cases in outcomes.items()}
@@ -362,12 +451,21 @@ def _score_loaded(
 
     replay_accuracy = None
     if replay:
-        replay_answers = generate_answers(model, tokenizer, [e.prompt for e in replay], gen)
+        replay_answers = _answers(predictor, [e.prompt for e in replay], gen)
         replay_accuracy = statistics.fmean(
             _states_all(a, e.facts) for e, a in zip(replay, replay_answers, strict=True)
         )
-    latency = _latency_ms_p50(model, tokenizer, [e.prompt for e in examples[:LATENCY_PROMPTS]], gen)
+    latency = _latency_ms_p50(predictor, [e.prompt for e in examples[:LATENCY_PROMPTS]], gen)
     facts_ok = [ok for oks in by_split.values() for ok in oks]
+    quality = answer_quality(
+        [
+            {"prompt": e.prompt, "response": e.response, "facts": e.facts, "intent": e.intent}
+            for e in examples
+        ],
+        answers,
+        policies.items,
+        policies.refusals,
+    )
     scores = ModelScores(
         model=target.label,
         version=target.version,
@@ -375,6 +473,13 @@ def _score_loaded(
         perplexity=math.exp(min(loss, 50.0)),
         fact_accuracy=statistics.fmean(facts_ok) if facts_ok else 0.0,
         fact_accuracy_by_split={split: statistics.fmean(oks) for split, oks in sorted(by_split.items())},
+        product_accuracy=quality["product_accuracy"],
+        refusal_accuracy=quality["refusal_accuracy"],
+        false_refusal_rate=quality["false_refusal_rate"],
+        by_intent={
+            intent: {k: v for k, v in figures.items() if v is not None}
+            for intent, figures in quality["by_intent"].items()
+        },
         rouge_l=rouge,
         chrf=chrf,
         behavioural_pass_rate=statistics.fmean(rates.values()) if rates else 0.0,
@@ -389,6 +494,10 @@ def _score_loaded(
     return scores, {name: cases for name, cases in failures.items() if cases}
 
 
+def _answers(predictor: Predictor, prompts: Sequence[str], gen: GenerationParams) -> list[str]:
+    return [c.text for c in predictor.generate(prompts, gen)]
+
+
 def _states_all(answer: str, facts: Sequence[str]) -> bool:
     """Whether an answer states every required fact."""
     return bool(facts) and all(states_fact(answer, f) for f in facts)
@@ -400,20 +509,17 @@ def _fact_pattern(fact: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w$.,]){re.escape(' '.join(fact.split()))}(?!\w)")
 
 
-def _eval_loss(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[_Example]
-) -> float:
+def _eval_loss(predictor: Predictor, examples: Sequence[_Example]) -> float:
     """Mean loss per response token, tokenized and masked exactly as training does."""
     from components.trainloop import build_examples, eval_loss
 
     rows = [{"prompt": e.prompt, "response": e.response} for e in examples]
-    tokenized = build_examples(rows, tokenizer, _context_length(model))
-    return eval_loss(model, tokenized, tokenizer.pad_token_id, batch_size=BATCH_SIZE)
+    tokenized = build_examples(rows, predictor.tokenizer, predictor.max_context)
+    return eval_loss(predictor.model, tokenized, predictor.tokenizer.pad_token_id, batch_size=BATCH_SIZE)
 
 
 def _invariance(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    predictor: Predictor,
     pairs: Sequence[tuple[_Example, str]],
     gen: GenerationParams,
     vocabulary: Sequence[str],
@@ -425,7 +531,7 @@ def _invariance(
     """
     picked = _spread_by_intent([(e, a) for e, a in pairs if e.facts])
     variants = [(a, name, fn(e.prompt)) for e, a in picked for name, fn in _VARIANTS.items()]
-    variant_answers = generate_answers(model, tokenizer, [prompt for _, _, prompt in variants], gen)
+    variant_answers = _answers(predictor, [prompt for _, _, prompt in variants], gen)
     cases = []
     for (answer, name, prompt), variant_answer in zip(variants, variant_answers, strict=True):
         expected, got = stated_facts(answer, vocabulary), stated_facts(variant_answer, vocabulary)
@@ -448,111 +554,42 @@ def _spread_by_intent(pairs: Sequence[tuple[_Example, str]]) -> list[tuple[_Exam
     return picked
 
 
-def _directional(pairs: Sequence[tuple[_Example, str]]) -> list[tuple[bool, str]]:
-    """Policy-v2 prompts whose facts changed must get the v2 facts and not the v1 values they replaced.
+def _directional(
+    pairs: Sequence[tuple[_Example, str]], replaced: Mapping[str, Mapping[str, frozenset[str]]]
+) -> list[tuple[bool, str]]:
+    """Prompts of a policy version whose facts changed must get its facts, not the values they replaced.
 
-    Runs only when the eval set holds such rows; otherwise the check is absent from the report.
+    Works for any policy versions: a row of version X is checked against the values the same
+    policy keys had in the versions before X. Runs only when the eval set holds such rows;
+    otherwise the check is absent from the report.
+
+    Args:
+        pairs: examples and the model's answers.
+        replaced: per policy version, what :func:`replaced_facts` says of it.
     """
-    from components.data import POLICIES
-
-    replaced = {new: POLICIES["v1"][key] for key, new in POLICIES["v2"].items() if POLICIES["v1"][key] != new}
     cases = []
     for example, answer in pairs:
-        changed = [f for f in example.facts if f in replaced]
-        if example.policy_version != "v2" or not changed:
+        table = replaced.get(example.policy_version or "", {})
+        changed = [f for f in example.facts if f in table]
+        if not changed:
             continue
         missing = [f for f in example.facts if not states_fact(answer, f)]
-        stale = [replaced[f] for f in changed if states_fact(answer, replaced[f])]
+        # A replaced value that this example also requires (another key's fact) is not stale.
+        old = sorted({s for f in changed for s in table[f]} - set(example.facts))
+        stale = [s for s in old if states_fact(answer, s)]
         ok = not missing and not stale
         cases.append((ok, f"{example.prompt!r}: missing {missing}, stale {stale}"))
     return cases
 
 
-def _latency_ms_p50(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], gen: GenerationParams
-) -> float:
+def _latency_ms_p50(predictor: Predictor, prompts: Sequence[str], gen: GenerationParams) -> float:
     """Median wall time of answering one prompt at a time (what one uncached request costs)."""
     timings = []
     for prompt in prompts:
         started = time.perf_counter()
-        generate_answers(model, tokenizer, [prompt], gen, batch_size=1)
+        predictor.generate([prompt], gen)
         timings.append((time.perf_counter() - started) * 1000)
     return statistics.median(timings) if timings else 0.0
-
-
-# Models ------------------------------------------------------------------------------------
-
-
-def _load_folder(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a Hugging Face folder, or the one inside a downloaded MLflow transformers model."""
-    from components.base_model import load_model, load_tokenizer
-
-    mlmodel = path / "MLmodel"
-    if not mlmodel.exists():
-        model, tokenizer = load_model(path)
-        return model.eval(), tokenizer
-    import yaml
-    from transformers import AutoModelForCausalLM
-
-    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("transformers") or {}
-    weights = path / str(flavor.get("model_binary") or "model")
-    if not flavor or not any(weights.glob("*.safetensors")):
-        raise ValueError(
-            f"{path} holds no transformers weights in safetensors (log the model with save_pretrained=True)"
-        )
-    tokenizer_dir = path / "components" / "tokenizer"
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else weights)
-    model = AutoModelForCausalLM.from_pretrained(str(weights), use_safetensors=True, dtype="auto")
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
-
-
-def _local_dir(uri: str) -> Path | None:
-    """The local folder a path or ``file:`` URI names, if it is one."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file"):
-        return None
-    path = Path(unquote(parsed.path) if parsed.scheme else uri).expanduser()
-    return path if path.is_dir() else None
-
-
-@contextlib.contextmanager
-def _cpu_threads(model: PreTrainedModel) -> Iterator[None]:
-    """One intra-op thread for a small model on CPU, restored afterwards.
-
-    Decoding a small model is a long chain of tiny ops: extra threads only add synchronization
-    (measured here: 200 answers of the ~0.5 M-parameter base model take 2 s on one thread, 5-15 s
-    on two when the cores are shared).
-    """
-    import torch
-
-    small = model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL_PARAMETERS
-    before = torch.get_num_threads()
-    if small:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if small:
-            torch.set_num_threads(before)
-
-
-def _context_length(model: PreTrainedModel) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or 1024)
-
-
-def _generate_kwargs(gen: GenerationParams, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": gen.max_new_tokens,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if gen.do_sample and gen.temperature > 0:
-        kwargs.update(do_sample=True, temperature=gen.temperature, top_k=gen.top_k or None, top_p=gen.top_p)
-    else:
-        kwargs["do_sample"] = False
-    return kwargs
 
 
 # MLflow ------------------------------------------------------------------------------------
@@ -560,6 +597,8 @@ def _generate_kwargs(gen: GenerationParams, tokenizer: PreTrainedTokenizerBase) 
 
 _CHART_METRICS: dict[str, tuple[str, float]] = {
     "fact_accuracy": ("fact accuracy", 1.0),
+    "product_accuracy": ("product", 1.0),
+    "refusal_accuracy": ("refusals", 1.0),
     "rouge_l": ("ROUGE-L", 1.0),
     "chrf": ("chrF / 100", 100.0),
     "behavioural_pass_rate": ("behavioural", 1.0),
@@ -611,13 +650,18 @@ def _log_report(client: MlflowClient, run_id: str, report: EvalReport) -> None:
         if scores is None:
             continue
         values = scores.model_dump(
-            include=set(_CHART_METRICS) | {"eval_loss", "perplexity", "latency_ms_p50"}
+            include=set(_CHART_METRICS) | {"eval_loss", "perplexity", "latency_ms_p50", "false_refusal_rate"}
         )
         values |= {f"behavioural.{k}": v for k, v in scores.behavioural.items()}
         values |= {f"fact_accuracy.{k}": v for k, v in scores.fact_accuracy_by_split.items()}
+        values |= {
+            f"intent.{intent}.{k}": v
+            for intent, figures in scores.by_intent.items()
+            for k, v in figures.items()
+        }
         metrics += [Metric(f"{role}.{k}", float(v), now, 0) for k, v in values.items() if v is not None]
     client.log_batch(run_id, metrics=metrics)
-    client.log_dict(run_id, report.model_dump(mode="json"), REPORT_ARTIFACT)
+    client.log_text(run_id, report_text(report), REPORT_ARTIFACT)
     client.log_figure(run_id, _chart(report), CHART_ARTIFACT)
     client.set_terminated(run_id, "FINISHED")
 

@@ -1,17 +1,23 @@
-"""The model registry: register trained models with lineage and a model card, gate promotion, roll back.
+"""The model registry: the alias state machine over MLflow's registry (register, record, promote, roll back).
 
 MLflow's registry on ``settings.tracking_uri`` under ``settings.model_name``. Three aliases:
 ``challenger`` (the latest registered candidate), ``champion`` (what serving loads) and
 ``previous`` (the champion before it, the target of a rollback). Every write checks before it
-sets, so re-running a step changes nothing.
+sets, so re-running a step changes nothing; writes of one home are serialized by a lock file
+(``<home>/locks/registry.lock``), and a write that races another process on a shared store is
+retried against the state it finds. The gate itself is :func:`components.gate.decide`; the card
+text is :mod:`components.model_card`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from components import errors
+from components.errors import Conflict, FlywheelError, InvalidInput, NotFound
 from components.schemas import (
     DatasetRef,
     EvalReport,
-    MetricThreshold,
-    ModelScores,
     PromotionDecision,
     PromotionGate,
     TrainResult,
@@ -33,7 +39,9 @@ from components.schemas import (
 if TYPE_CHECKING:  # heavy imports stay inside functions
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+    from tenacity import Retrying
 
+    from components.model_card import TrainingFacts
     from components.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,8 +49,10 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 CURRENT_CHAMPION = "@champion"  # register()'s default parent: whatever is champion at call time
 MODEL_CARD_ARTIFACT = "model_card.md"
-_DESCRIPTION_LIMIT = 5000  # MLflow's model version description column
-_TAG_VALUE_LIMIT = 5000  # MLflow's model version tag value column (enforced by PostgreSQL)
+LOCK_NAME = "registry"  # <home>/locks/registry.lock: one writer of the registry per home at a time
+LOCK_TIMEOUT_S = 300.0  # a registry write takes seconds; longer means the holder is stuck
+_DESCRIPTION_LIMIT = 5000  # MLflow's model version description column: a preview of the card
+_REPORT_CACHE_SIZE = 256
 
 # Version tags (lineage, evaluation, promotion).
 TAG_RUN_ID = "flywheel.run_id"
@@ -51,12 +61,12 @@ TAG_DATASET_SHA = "flywheel.dataset.sha256"
 TAG_DATASET_URI = "flywheel.dataset.uri"
 TAG_PARAMS_HASH = "flywheel.params_hash"
 TAG_PARENT = "flywheel.parent_champion"
-TAG_GIT = "flywheel.git_commit"
+TAG_GIT = "flywheel.git_commit"  # the code version: FLYWHEEL_CODE_VERSION, else git
 TAG_STEPS = "flywheel.steps"
 TAG_VALIDATION = "flywheel.validation"
 TAG_CARD = "flywheel.model_card"
-TAG_EVAL = "flywheel.eval.report"
-TAG_EVAL_RUN = "flywheel.eval.run_id"
+TAG_EVAL_RUN = "flywheel.eval.run_id"  # the evaluation run whose evaluation/report.json is the report
+TAG_EVAL_SHA = "flywheel.eval.sha256"  # sha256 of that file: checked on every read
 TAG_PROMOTED = "flywheel.promotion.promoted"
 TAG_DECISION = "flywheel.promotion.decision"
 TAG_REPLACED = "flywheel.promotion.replaced"  # the champion this version replaced when promoted
@@ -64,6 +74,7 @@ TAG_ROLLED_BACK = "flywheel.rolled_back_from"  # on a version rolled back: the v
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))?/?$")
 _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
 _KEY_METRICS = ("fact_accuracy", "behavioural_pass_rate", "eval_loss", "replay_fact_accuracy")
+_REPORTS: dict[tuple[str, str], EvalReport] = {}  # (run id, sha256) -> verified report: content-addressed
 
 
 class ModelVersionInfo(BaseModel):
@@ -86,24 +97,26 @@ class ModelVersionInfo(BaseModel):
     rolled_back: bool = False
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound):
     """No registered version matches what was named."""
 
 
-class EvaluationNotFound(LookupError):
+class EvaluationNotFound(NotFound):
     """A version has no recorded evaluation, so the gate has nothing to judge."""
 
 
-class NoPreviousChampion(LookupError):
+class NoPreviousChampion(NotFound):
     """Rollback was asked for but no version holds the ``previous`` alias."""
 
 
-class PromotionRejected(Exception):
-    """The gate rejected a version; carries the decision."""
+class PromotionRejected(errors.PromotionRejected):
+    """The gate rejected a version; carries the decision (also as ``report``)."""
 
     def __init__(self, decision: PromotionDecision) -> None:
         failed = [r for r in decision.reasons if r.startswith("FAIL")]
-        super().__init__(f"version {decision.version} not promoted: {'; '.join(failed) or 'gate failed'}")
+        super().__init__(
+            f"version {decision.version} not promoted: {'; '.join(failed) or 'gate failed'}", report=decision
+        )
         self.decision = decision
 
 
@@ -120,11 +133,11 @@ def register(
     """Register a trained model as a new version with lineage tags and a model card; alias ``challenger``.
 
     Idempotent: a version already registered from the same run and model URI is returned as it
-    is (no second version, no alias moved).
+    is (no second version, no alias moved), also when two processes register it at once.
 
     Args:
         result: what training produced (run id, model URI, dataset and params lineage).
-        settings: tracking URI and model name.
+        settings: tracking URI, model name, code version.
         parent_champion: the champion this model was trained to replace; default: the current one.
         eval_report: its evaluation, if done already (recorded with the version, shown on the card).
         validation: the dataset's validation report, if known (shown on the card).
@@ -132,67 +145,28 @@ def register(
     Returns:
         The version number.
     """
-    client = _client(settings)
-    name = settings.model_name
-    _ensure_registered_model(client, name)
-    existing = _find_registered(client, name, result)
-    if existing is not None:
-        version = str(existing.version)
-        log.info("%s: run %s is already version %s", name, result.run_id, version)
-        _finish_registration(client, name, existing, validation)
+    with _exclusive(settings):
+        client = _client(settings)
+        name = settings.model_name
+        _ensure_registered_model(client, name)
+        mv = _find_registered(client, name, result)
+        if mv is not None:
+            log.info("%s: run %s is already version %s", name, result.run_id, mv.version)
+        else:
+            mv = _create_version(client, settings, result, parent_champion, validation)
+        _finish_registration(client, name, mv, validation)
+        version = str(mv.version)
         if eval_report is not None:
-            record_evaluation(version, eval_report, settings)
+            _record_evaluation(client, settings, version, eval_report)  # also refreshes the model card
         return version
-
-    aliases = _aliases(client, name)
-    parent = aliases.get(CHAMPION) if parent_champion == CURRENT_CHAMPION else parent_champion
-    source, model_id = _registrable_source(client, result.model_uri)
-    tags = {
-        TAG_RUN_ID: result.run_id,
-        TAG_MODEL_URI: result.model_uri,
-        TAG_DATASET_SHA: result.dataset_sha256,
-        TAG_DATASET_URI: result.dataset_uri,
-        TAG_PARAMS_HASH: result.params_hash,
-        TAG_STEPS: str(result.steps),
-        TAG_PARENT: parent or "",
-    }
-    if commit := _git_commit():
-        tags[TAG_GIT] = commit
-    if validation is not None:
-        tags[TAG_VALIDATION] = _validation_text(validation)
-    mv = client.create_model_version(
-        name, source=source, run_id=result.run_id, tags=tags, model_id=model_id, await_creation_for=60
-    )
-    version = str(mv.version)
-    log.info("%s: registered version %s from run %s (%s)", name, version, result.run_id, result.model_uri)
-    if model_id:
-        _link_logged_model(client, model_id, name, version)
-    _finish_registration(client, name, mv, validation)
-    if eval_report is not None:
-        record_evaluation(version, eval_report, settings)  # also refreshes the model card
-    return version
-
-
-def _finish_registration(
-    client: MlflowClient, name: str, mv: ModelVersion, validation: ValidationReport | None
-) -> None:
-    """Model card and ``challenger`` alias of a registered version; completes one a crash interrupted.
-
-    ``challenger`` is set only on a version that was never gated and is newer than the current
-    challenger, so re-running an old registration never moves it back.
-    """
-    version = str(mv.version)
-    if TAG_CARD not in mv.tags:
-        _write_model_card(client, name, version, validation)
-    aliases = _aliases(client, name)
-    challenger = aliases.get(CHALLENGER)
-    never_gated = TAG_PROMOTED not in mv.tags and aliases.get(CHAMPION) != version
-    if never_gated and (challenger is None or int(challenger) < int(version)):
-        _set_alias(client, name, CHALLENGER, version)
 
 
 def record_evaluation(version: str, report: EvalReport, settings: Settings) -> None:
-    """Store an evaluation with a version (tag), so :func:`promote` can judge it; refresh the model card.
+    """Record an evaluation with a version, so :func:`promote` can judge it; refresh the model card.
+
+    The report is kept whole as ``evaluation/report.json`` of its evaluation run (a run of its
+    own is made for a report that was not logged); the version's tags name that run and the
+    file's sha256, which every read checks.
 
     Args:
         version: registered version the report scored as its candidate.
@@ -201,29 +175,29 @@ def record_evaluation(version: str, report: EvalReport, settings: Settings) -> N
 
     Raises:
         ModelNotFound: no such version.
-        ValueError: the report scored a different model.
+        InvalidInput: the report scored a different model, or differs from what its run logged.
+    """
+    with _exclusive(settings):
+        _record_evaluation(_client(settings), settings, version, report)
+
+
+def stored_report(version: str, settings: Settings) -> EvalReport | None:
+    """The evaluation recorded with a version, read back from its evaluation run (sha256 checked).
+
+    Args:
+        version: registered version.
+        settings: tracking URI and model name.
+
+    Returns:
+        The report, or None when none was recorded.
+
+    Raises:
+        ModelNotFound: no such version.
+        EvaluationNotFound: the recorded run no longer holds the report.
+        Conflict: the report file changed after it was recorded.
     """
     client = _client(settings)
-    name = settings.model_name
-    mv = _get_version(client, name, version)
-    if not _report_is_for(report, mv, name):
-        raise ValueError(
-            f"the report scored {report.candidate.model!r} (version {report.candidate.version}), "
-            f"not {name} version {version}"
-        )
-    payload = report.model_dump_json()
-    if len(payload) > _TAG_VALUE_LIMIT:
-        # The gate needs the scores, not the sample failures: those stay in the eval run's report.
-        payload = report.model_copy(update={"failures": {}}).model_dump_json()
-    if len(payload) > _TAG_VALUE_LIMIT:
-        raise ValueError(f"evaluation report of {len(payload)} characters does not fit a version tag")
-    if mv.tags.get(TAG_EVAL) == payload:
-        return
-    client.set_model_version_tag(name, version, TAG_EVAL, payload)
-    if report.run_id:
-        client.set_model_version_tag(name, version, TAG_EVAL_RUN, report.run_id)
-    _write_model_card(client, name, version, None)
-    log.info("%s v%s: evaluation recorded (run %s)", name, version, report.run_id)
+    return _stored_report(client, _get_version(client, settings.model_name, version))
 
 
 def promote(
@@ -231,8 +205,9 @@ def promote(
 ) -> PromotionDecision:
     """Judge a version with the gate; on pass move ``champion`` to it (the old champion becomes ``previous``).
 
-    Promoting the current champion again is a no-op. The decision (pass or fail, one reason per
-    check) is recorded as version tags either way.
+    Promoting the current champion again is a no-op that says so (also for the loser of two
+    promotions of one version at once). The decision (pass or fail, one reason per check) is
+    recorded as version tags either way.
 
     Args:
         version: registered version to promote.
@@ -247,59 +222,58 @@ def promote(
         ModelNotFound: no such version.
         EvaluationNotFound: no report given and none recorded.
     """
-    client = _client(settings)
-    name = settings.model_name
-    mv = _get_version(client, name, version)
-    aliases = _aliases(client, name)
-    champion = aliases.get(CHAMPION)
-    if champion == version:
-        log.info("%s v%s is already champion: nothing to do", name, version)
-        return PromotionDecision(
-            model_name=name,
-            version=version,
-            promoted=True,
-            reasons=[f"PASS already champion: version {version} holds '{CHAMPION}'; nothing changed"],
-            checks={"already_champion": True},
-            previous_champion=aliases.get(PREVIOUS),
-            decided_at=datetime.now(UTC),
-        )
-    if report is not None:
-        record_evaluation(version, report, settings)
-    else:
-        report = _stored_report(mv)
-        if report is None:
-            raise EvaluationNotFound(
-                f"{name} version {version} has no recorded evaluation: run evaluate and record it first"
+    from components.gate import decide
+
+    with _exclusive(settings):
+        client = _client(settings)
+        name = settings.model_name
+        mv = _get_version(client, name, version)
+        aliases = _aliases(client, name)
+        champion = aliases.get(CHAMPION)
+        if champion == version:
+            log.info("%s v%s is already champion: nothing to do", name, version)
+            return PromotionDecision(
+                model_name=name,
+                version=version,
+                promoted=True,
+                reasons=[f"PASS already champion: version {version} holds '{CHAMPION}'; nothing changed"],
+                checks={"already_champion": True},
+                previous_champion=aliases.get(PREVIOUS),
+                decided_at=datetime.now(UTC),
             )
-    checks = list(_gate_checks(report, gate, champion))
-    promoted = all(ok for _, ok, _ in checks)
-    decision = PromotionDecision(
-        model_name=name,
-        version=version,
-        promoted=promoted,
-        reasons=[reason for _, _, reason in checks],
-        checks={check: ok for check, ok, _ in checks},
-        previous_champion=champion,
-        decided_at=datetime.now(UTC),
-    )
-    tags = {TAG_PROMOTED: str(promoted).lower(), TAG_DECISION: decision.model_dump_json()}
-    if promoted:
-        tags[TAG_REPLACED] = champion or ""
-    # The decision first, the aliases last: a crash in between leaves a version that is not
-    # champion yet, and re-running promote judges it again and finishes the move.
-    _set_version_tags(client, name, version, tags)
-    if promoted:
-        if champion is not None:
-            _set_alias(client, name, PREVIOUS, champion)
-        _set_alias(client, name, CHAMPION, version)
-        if aliases.get(CHALLENGER) == version:  # the challenger won: it is the champion now
-            client.delete_registered_model_alias(name, CHALLENGER)
-        if TAG_ROLLED_BACK in mv.tags:  # promoted again after a rollback
-            client.delete_model_version_tag(name, version, TAG_ROLLED_BACK)
-    log.info(
-        "%s v%s %s: %s", name, version, "promoted" if promoted else "rejected", "; ".join(decision.reasons)
-    )
-    return decision
+        if report is not None:
+            _record_evaluation(client, settings, version, report)
+        else:
+            report = _stored_report(client, mv)
+            if report is None:
+                raise EvaluationNotFound(
+                    f"{name} version {version} has no recorded evaluation: run evaluate and record it first"
+                )
+        decision = decide(
+            report, gate, model_name=name, version=version, champion=champion, decided_at=datetime.now(UTC)
+        )
+        tags = {TAG_PROMOTED: str(decision.promoted).lower(), TAG_DECISION: decision.model_dump_json()}
+        if decision.promoted:
+            tags[TAG_REPLACED] = champion or ""
+        # The decision first, the aliases last: a crash in between leaves a version that is not
+        # champion yet, and re-running promote judges it again and finishes the move.
+        _set_version_tags(client, name, version, tags)
+        if decision.promoted:
+            if champion is not None:
+                _set_alias(client, name, PREVIOUS, champion)
+            _set_alias(client, name, CHAMPION, version)
+            if aliases.get(CHALLENGER) == version:  # the challenger won: it is the champion now
+                _delete_alias(client, name, CHALLENGER)
+            if TAG_ROLLED_BACK in mv.tags:  # promoted again after a rollback
+                client.delete_model_version_tag(name, version, TAG_ROLLED_BACK)
+        log.info(
+            "%s v%s %s: %s",
+            name,
+            version,
+            "promoted" if decision.promoted else "rejected",
+            "; ".join(decision.reasons),
+        )
+        return decision
 
 
 def promote_or_raise(
@@ -329,40 +303,42 @@ def rollback(settings: Settings) -> PromotionDecision:
     Raises:
         NoPreviousChampion: no version holds ``previous``.
     """
-    client = _client(settings)
-    name = settings.model_name
-    try:
-        aliases = _aliases(client, name)
-    except ModelNotFound:
-        raise NoPreviousChampion(f"no registered model named {name!r}: nothing to roll back") from None
-    restored, rolled_back = aliases.get(PREVIOUS), aliases.get(CHAMPION)
-    if restored is None:
-        raise NoPreviousChampion(f"{name} has no '{PREVIOUS}' version to roll back to")
-    earlier = _get_version(client, name, restored).tags.get(TAG_REPLACED) or None
-    if earlier in (rolled_back, restored):
-        earlier = None
-    _set_alias(client, name, CHAMPION, restored)
-    if earlier is not None:
-        _set_alias(client, name, PREVIOUS, earlier)
-    else:
-        client.delete_registered_model_alias(name, PREVIOUS)
-    now = datetime.now(UTC)
-    if rolled_back is not None:
-        client.set_model_version_tag(name, rolled_back, TAG_ROLLED_BACK, restored)
-    reasons = [
-        f"rollback: '{CHAMPION}' {rolled_back or '(none)'} -> {restored}",
-        f"'{PREVIOUS}' -> {earlier}" if earlier else f"'{PREVIOUS}' removed: nothing earlier to return to",
-    ]
-    log.warning("%s: %s", name, "; ".join(reasons))
-    return PromotionDecision(
-        model_name=name,
-        version=restored,
-        promoted=True,
-        reasons=reasons,
-        checks={"rollback": True},
-        previous_champion=rolled_back,
-        decided_at=now,
-    )
+    with _exclusive(settings):
+        client = _client(settings)
+        name = settings.model_name
+        try:
+            aliases = _aliases(client, name)
+        except ModelNotFound:
+            raise NoPreviousChampion(f"no registered model named {name!r}: nothing to roll back") from None
+        restored, rolled_back = aliases.get(PREVIOUS), aliases.get(CHAMPION)
+        if restored is None:
+            raise NoPreviousChampion(f"{name} has no '{PREVIOUS}' version to roll back to")
+        earlier = _get_version(client, name, restored).tags.get(TAG_REPLACED) or None
+        if earlier in (rolled_back, restored):
+            earlier = None
+        _set_alias(client, name, CHAMPION, restored)
+        if earlier is not None:
+            _set_alias(client, name, PREVIOUS, earlier)
+        else:
+            _delete_alias(client, name, PREVIOUS)
+        if rolled_back is not None:
+            _set_version_tags(client, name, rolled_back, {TAG_ROLLED_BACK: restored})
+        reasons = [
+            f"rollback: '{CHAMPION}' {rolled_back or '(none)'} -> {restored}",
+            f"'{PREVIOUS}' -> {earlier}"
+            if earlier
+            else f"'{PREVIOUS}' removed: nothing earlier to return to",
+        ]
+        log.warning("%s: %s", name, "; ".join(reasons))
+        return PromotionDecision(
+            model_name=name,
+            version=restored,
+            promoted=True,
+            reasons=reasons,
+            checks={"rollback": True},
+            previous_champion=rolled_back,
+            decided_at=datetime.now(UTC),
+        )
 
 
 def list_models(settings: Settings) -> list[ModelVersionInfo]:
@@ -381,7 +357,7 @@ def list_models(settings: Settings) -> list[ModelVersionInfo]:
     except ModelNotFound:
         return []
     versions = list(_search_versions(client, f"name = '{_quote(name)}'"))
-    infos = [_info(mv, aliases) for mv in versions]
+    infos = [_info(client, mv, aliases) for mv in versions]
     return sorted(infos, key=lambda i: int(i.version), reverse=True)
 
 
@@ -409,7 +385,7 @@ def resolve(alias_or_version: str, settings: Settings, name: str | None = None) 
         mv = _get_version(client, name, ref.removeprefix("v"))
     else:
         mv = _get_by_alias(client, name, ref)
-    info = _info(mv, _aliases(client, name))
+    info = _info(client, mv, _aliases(client, name))
     return info.model_copy(
         update={"download_uri": client.get_model_version_download_uri(name, str(mv.version))}
     )
@@ -453,75 +429,179 @@ def artifact_location(uri: str, settings: Settings) -> str:
     return client.get_model_version_download_uri(match["name"], version)
 
 
-# Gate --------------------------------------------------------------------------------------
+# Registration and evaluation records ------------------------------------------------------
 
 
-def _gate_checks(
-    report: EvalReport, gate: PromotionGate, champion: str | None
-) -> Iterator[tuple[str, bool, str]]:
-    """(check, passed, reason) for every check of the gate, in order; each reason starts PASS or FAIL."""
-    cand, champ = report.candidate, report.champion
-    floors = [
-        (
-            "min_fact_accuracy",
-            cand.fact_accuracy >= gate.min_fact_accuracy,
-            f"fact_accuracy {cand.fact_accuracy:.3f} >= {gate.min_fact_accuracy}",
-        ),
-        (
-            "min_behavioural_pass_rate",
-            cand.behavioural_pass_rate >= gate.min_behavioural_pass_rate,
-            f"behavioural_pass_rate {cand.behavioural_pass_rate:.3f} >= {gate.min_behavioural_pass_rate}",
-        ),
-    ]
-    if gate.max_eval_loss is not None:
-        floors.append(
-            (
-                "max_eval_loss",
-                cand.eval_loss <= gate.max_eval_loss,
-                f"eval_loss {cand.eval_loss:.4f} <= {gate.max_eval_loss}",
-            )
-        )
-    yield from ((check, ok, _verdict(ok, text)) for check, ok, text in floors)
-    if champion is None:
-        yield "champion", True, _verdict(True, "no champion yet: floors only")
-        return
-    if champ is None or champ.version != champion:
-        if champ is None:
-            compared = "no champion"
-        else:
-            compared = f"version {champ.version}" if champ.version else f"{champ.model} (no registry version)"
-        text = f"evaluated against {compared}, but the champion is version {champion}: re-evaluate"
-        yield "same_champion", False, _verdict(False, text)
-        return
-    yield "same_champion", True, _verdict(True, f"evaluated against champion version {champion}")
-    for metric, threshold in gate.regressions.items():
-        yield _regression(metric, threshold, cand, champ)
+@contextlib.contextmanager
+def _exclusive(settings: Settings) -> Iterator[None]:
+    """Hold the home's registry lock: one writer at a time, so check-then-set sequences hold."""
+    from components.locks import hold
+
+    with hold(settings.home, LOCK_NAME, timeout=LOCK_TIMEOUT_S, what="the model registry"):
+        yield
 
 
-def _verdict(ok: bool, text: str) -> str:
-    return f"{'PASS' if ok else 'FAIL'} {text}"
-
-
-def _regression(
-    metric: str, threshold: MetricThreshold, cand: ModelScores, champ: ModelScores
-) -> tuple[str, bool, str]:
-    new, old = getattr(cand, metric), getattr(champ, metric)
-    check = f"regression.{metric}"
-    if new is None or old is None:
-        return check, True, _verdict(True, f"{metric}: not measured for both models, not compared")
-    change = (new - old) if threshold.higher_is_better else (old - new)  # > 0: better
-    ok = change >= -threshold.max_regression
-    direction = "higher" if threshold.higher_is_better else "lower"
-    text = (
-        f"{metric} {new:.4f} vs champion {old:.4f} "
-        f"({direction} is better; may regress by at most {threshold.max_regression})"
+def _create_version(
+    client: MlflowClient,
+    settings: Settings,
+    result: TrainResult,
+    parent_champion: str | None,
+    validation: ValidationReport | None,
+) -> ModelVersion:
+    name = settings.model_name
+    aliases = _aliases(client, name)
+    parent = aliases.get(CHAMPION) if parent_champion == CURRENT_CHAMPION else parent_champion
+    source, model_id = _registrable_source(client, result.model_uri)
+    tags = {
+        TAG_RUN_ID: result.run_id,
+        TAG_MODEL_URI: result.model_uri,
+        TAG_DATASET_SHA: result.dataset_sha256,
+        TAG_DATASET_URI: result.dataset_uri,
+        TAG_PARAMS_HASH: result.params_hash,
+        TAG_STEPS: str(result.steps),
+        TAG_PARENT: parent or "",
+    }
+    if code := settings.code_version or _git_commit():
+        tags[TAG_GIT] = code
+    if validation is not None:
+        tags[TAG_VALIDATION] = _validation_text(validation)
+    mv = client.create_model_version(
+        name, source=source, run_id=result.run_id, tags=tags, model_id=model_id, await_creation_for=60
     )
-    return check, ok, _verdict(ok, text)
+    log.info("%s: registered version %s from run %s (%s)", name, mv.version, result.run_id, result.model_uri)
+    if model_id:
+        _link_logged_model(client, model_id, name, str(mv.version))
+    return mv
 
 
-def _stored_report(mv: ModelVersion) -> EvalReport | None:
-    payload = mv.tags.get(TAG_EVAL)
-    return EvalReport.model_validate_json(payload) if payload else None
+def _finish_registration(
+    client: MlflowClient, name: str, mv: ModelVersion, validation: ValidationReport | None
+) -> None:
+    """Model card and ``challenger`` alias of a registered version; completes one a crash interrupted.
+
+    ``challenger`` is set only on a version that was never gated and is newer than the current
+    challenger, so re-running an old registration never moves it back.
+    """
+    version = str(mv.version)
+    if TAG_CARD not in mv.tags:
+        _write_model_card(client, name, version, validation)
+    aliases = _aliases(client, name)
+    challenger = aliases.get(CHALLENGER)
+    never_gated = TAG_PROMOTED not in mv.tags and aliases.get(CHAMPION) != version
+    if never_gated and (challenger is None or int(challenger) < int(version)):
+        _set_alias(client, name, CHALLENGER, version)
+
+
+def _record_evaluation(client: MlflowClient, settings: Settings, version: str, report: EvalReport) -> None:
+    """:func:`record_evaluation` under the lock the caller holds."""
+    name = settings.model_name
+    mv = _get_version(client, name, version)
+    if not _report_is_for(report, mv, name):
+        raise InvalidInput(
+            f"the report scored {report.candidate.model!r} (version {report.candidate.version}), "
+            f"not {name} version {version}"
+        )
+    run_id, sha = _store_report(client, settings, mv, report)
+    if mv.tags.get(TAG_EVAL_RUN) == run_id and mv.tags.get(TAG_EVAL_SHA) == sha:
+        return
+    _set_version_tags(client, name, version, {TAG_EVAL_RUN: run_id, TAG_EVAL_SHA: sha})
+    _write_model_card(client, name, version, None)
+    log.info("%s v%s: evaluation recorded (run %s, sha256 %s)", name, version, run_id, sha[:12])
+
+
+def _store_report(
+    client: MlflowClient, settings: Settings, mv: ModelVersion, report: EvalReport
+) -> tuple[str, str]:
+    """(run id, sha256) of the evaluation run file that holds ``report`` whole; logged first if needed."""
+    from components.evaluate import REPORT_ARTIFACT
+
+    if report.run_id:
+        data = _read_report_bytes(client, report.run_id)
+        if data is not None:
+            if EvalReport.model_validate_json(data) != report:
+                raise InvalidInput(
+                    f"the report differs from the {REPORT_ARTIFACT} its evaluation run {report.run_id} logged"
+                )
+            return report.run_id, _sha256(data)
+        log.warning(
+            "run %s holds no %s: recording the report in a run of its own", report.run_id, REPORT_ARTIFACT
+        )
+    with contextlib.suppress(FlywheelError):  # an unreadable earlier record is replaced below
+        stored = _stored_report(client, mv)
+        if stored is not None and stored.model_copy(update={"run_id": report.run_id}) == report:
+            return mv.tags[TAG_EVAL_RUN], mv.tags[TAG_EVAL_SHA]
+    return _log_report_run(client, settings, mv, report)
+
+
+def _log_report_run(
+    client: MlflowClient, settings: Settings, mv: ModelVersion, report: EvalReport
+) -> tuple[str, str]:
+    """Keep a report that no evaluation run logged in a run of its own (the report's ``run_id``)."""
+    from components.evaluate import REPORT_ARTIFACT, report_text
+    from components.tracking import experiment_id
+
+    tags = {
+        "flywheel.step": "evaluate",
+        "flywheel.recorded_by": "registry",  # logged at record time, not by evaluate()
+        "flywheel.candidate": report.candidate.model,
+        "flywheel.candidate_version": str(mv.version),
+        "flywheel.eval_sha256": report.eval_sha256,
+    }
+    run = client.create_run(
+        experiment_id(client, settings), run_name=f"evaluation record v{mv.version}", tags=tags
+    )
+    run_id = run.info.run_id
+    text = report_text(report.model_copy(update={"run_id": run_id}))
+    client.log_text(run_id, text, REPORT_ARTIFACT)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, _sha256(text.encode("utf-8"))
+
+
+def _stored_report(client: MlflowClient, mv: ModelVersion) -> EvalReport | None:
+    """The version's recorded report, read from its evaluation run and checked against the sha256 tag."""
+    from components.evaluate import REPORT_ARTIFACT
+
+    run_id, sha = mv.tags.get(TAG_EVAL_RUN), mv.tags.get(TAG_EVAL_SHA)
+    if not run_id or not sha:
+        return None
+    if (cached := _REPORTS.get((run_id, sha))) is not None:
+        return cached
+    data = _read_report_bytes(client, run_id)
+    if data is None:
+        raise EvaluationNotFound(
+            f"{mv.name} v{mv.version}: evaluation run {run_id} no longer holds {REPORT_ARTIFACT}; evaluate again"
+        )
+    if _sha256(data) != sha:
+        raise Conflict(
+            f"{mv.name} v{mv.version}: {REPORT_ARTIFACT} of run {run_id} changed after it was recorded "
+            f"(sha256 {_sha256(data)[:12]}, recorded {sha[:12]}); evaluate again"
+        )
+    report = EvalReport.model_validate_json(data)
+    if len(_REPORTS) < _REPORT_CACHE_SIZE:
+        _REPORTS[(run_id, sha)] = report
+    return report
+
+
+def _read_report_bytes(client: MlflowClient, run_id: str) -> bytes | None:
+    """The bytes of a run's report file, or None when the run or the file is not there."""
+    from mlflow.exceptions import MlflowException
+
+    from components.evaluate import REPORT_ARTIFACT
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-report-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, REPORT_ARTIFACT, tmp)
+            return Path(path).read_bytes()
+        except (MlflowException, OSError):
+            log.debug("no %s in run %s", REPORT_ARTIFACT, run_id, exc_info=True)
+            return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# Reports ---------------------------------------------------------------------------------
 
 
 def _report_is_for(report: EvalReport, mv: ModelVersion, name: str) -> bool:
@@ -542,127 +622,61 @@ def _report_is_for(report: EvalReport, mv: ModelVersion, name: str) -> bool:
 def _write_model_card(
     client: MlflowClient, name: str, version: str, validation: ValidationReport | None
 ) -> None:
-    """Write the card to the training run (``model_card.md``) and to the version's description."""
+    """Write the card to the training run (``model_card.md``) and a preview to the version's description."""
+    from components.model_card import CardFacts, render
+
     mv = _get_version(client, name, version)
     run = client.get_run(mv.run_id) if mv.run_id else None
-    text = _model_card(name, mv, run, _stored_report(mv), validation)
+    tags = mv.tags
+    try:
+        report = _stored_report(client, mv)
+    except FlywheelError as exc:  # a card is documentation: it says so rather than failing the step
+        log.warning("model card of %s v%s without its evaluation: %s", name, version, exc)
+        report = None
+    text = render(
+        CardFacts(
+            name=name,
+            version=str(mv.version),
+            run_id=mv.run_id,
+            dataset_sha256=tags.get(TAG_DATASET_SHA),
+            dataset_uri=tags.get(TAG_DATASET_URI),
+            dataset=_dataset_ref(tags.get(TAG_DATASET_URI)),
+            validation=_validation_text(validation) if validation else tags.get(TAG_VALIDATION),
+            steps=tags.get(TAG_STEPS),
+            params_hash=tags.get(TAG_PARAMS_HASH),
+            code_version=tags.get(TAG_GIT),
+            parent_champion=tags.get(TAG_PARENT) or None,
+            training=_training_facts(run),
+            report=report,
+        )
+    )
     if run is not None:
         client.log_text(run.info.run_id, text, MODEL_CARD_ARTIFACT)
         card_uri = f"runs:/{run.info.run_id}/{MODEL_CARD_ARTIFACT}"
-        if mv.tags.get(TAG_CARD) != card_uri:
-            client.set_model_version_tag(name, version, TAG_CARD, card_uri)
+        if tags.get(TAG_CARD) != card_uri:
+            _set_version_tags(client, name, version, {TAG_CARD: card_uri})
+    # The description column is bounded: it holds a preview; the whole card is the run's file.
     description = (
-        text if len(text) <= _DESCRIPTION_LIMIT else text[: _DESCRIPTION_LIMIT - 80] + "\n\n(truncated)"
+        text
+        if len(text) <= _DESCRIPTION_LIMIT
+        else text[: _DESCRIPTION_LIMIT - 80] + "\n\n(continued in the card)"
     )
     if mv.description != description:
         client.update_model_version(name, version, description=description)
 
 
-_INTENDED_USE = """\
-## Intended use
-Answers customer-support questions of the store (returns, refunds, shipping time and fees, order
-status, warranty, account access, cancellation, payment, exchanges) with the policy facts of the
-data it was trained on. Served behind the flywheel API; users rate answers and send corrections,
-which feed the next training round. Not for other domains, other languages than English, or
-decisions that need a human (legal, medical, financial advice).
-"""
+def _training_facts(run: Any) -> TrainingFacts | None:
+    from components.model_card import TrainingFacts
 
-_LIMITATIONS = """\
-## Known limitations
-- States only the policy facts it was trained on; after a policy change it is wrong until retrained.
-- A small model: rephrasings far from the training questions, or several questions in one, can
-  get a fluent answer with the wrong facts. Fact accuracy above is measured on unseen phrasings.
-- Behavioural checks cover lowercase, punctuation and whitespace variants (invariance) and policy
-  updates (directional) only. ALL-CAPS prompts (answered poorly), typos, other languages and
-  adversarial prompts are not covered.
-- Feedback-derived training data is redacted and capped per user, but poisoning is mitigated by
-  the promotion gate, not ruled out.
-"""
-
-_CARD_METRICS = (
-    "fact_accuracy", "behavioural_pass_rate", "rouge_l", "chrf", "eval_loss", "perplexity",
-    "replay_fact_accuracy", "latency_ms_p50",
-)  # fmt: skip
-
-
-def _model_card(
-    name: str, mv: ModelVersion, run: Any, report: EvalReport | None, validation: ValidationReport | None
-) -> str:
-    """The model card (markdown): intended use, data, training, evaluation, limitations."""
-    sections = [
-        f"# {name} v{mv.version}\n",
-        _INTENDED_USE,
-        _card_data(mv.tags, validation),
-        _card_training(mv, run),
-        _card_evaluation(report),
-        _LIMITATIONS,
-    ]
-    return "\n".join(sections)
-
-
-def _card_data(tags: Mapping[str, str], validation: ValidationReport | None) -> str:
-    lines = [
-        "## Data",
-        f"- dataset sha256: `{tags.get(TAG_DATASET_SHA, 'unknown')}`",
-        f"- uri: {tags.get(TAG_DATASET_URI, 'unknown')}",
-    ]
-    if (ref := _dataset_ref(tags.get(TAG_DATASET_URI))) is not None:
-        derived = ", ".join(p[:12] for p in ref.parents) or "nothing (seed data)"
-        lines += [
-            f"- rows: {ref.rows} ({', '.join(f'{k} {v}' for k, v in ref.splits.items())})",
-            f"- policy version: {ref.policy_version or 'unknown'}",
-            f"- derived from: {derived}; feedback events used: {len(ref.feedback_ids)}",
-        ]
-    verdict = _validation_text(validation) if validation else tags.get(TAG_VALIDATION, "not recorded")
-    lines.append(f"- validation: {verdict}")
-    return "\n".join(lines) + "\n"
-
-
-def _card_training(mv: ModelVersion, run: Any) -> str:
-    tags = mv.tags
-    lines = [
-        "## Training",
-        f"- run: `{mv.run_id}`; steps: {tags.get(TAG_STEPS, '?')}",
-        f"- params hash: `{tags.get(TAG_PARAMS_HASH, '?')}`; code: git `{tags.get(TAG_GIT, 'unknown')}`",
-        f"- parent champion: {tags.get(TAG_PARENT) or 'none (first model)'}",
-    ]
-    if run is not None:
-        params, metrics = run.data.params, run.data.metrics
-
-        def metric(key: str) -> str:
-            return _fmt(metrics.get(f"final_{key}", metrics.get(key)))
-
-        wall = f"{(run.info.end_time - run.info.start_time) / 1000:.0f} s" if run.info.end_time else "?"
-        lines += [
-            f"- base model: {params.get('base_model', '?')}",
-            f"- compute: {run.data.tags.get('flywheel.runner', '?')}, workers {params.get('workers', '?')}, "
-            f"GPU {params.get('use_gpu', '?')}; wall time {wall}, train seconds {metric('train_seconds')}",
-            f"- hyper-parameters: max_steps {params.get('max_steps', '?')}, "
-            f"batch {params.get('batch_size', '?')}, lr {params.get('learning_rate', '?')}, "
-            f"LoRA {'on' if params.get('lora.r') else 'off'}",
-            f"- eval loss {metric('eval_loss')} (base model {metric('base_eval_loss')})",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _card_evaluation(report: EvalReport | None) -> str:
-    if report is None:
-        return "## Evaluation\nNot evaluated yet.\n"
-    cand, champ = report.candidate, report.champion
-    champion = f"champion v{champ.version}" if champ and champ.version else "champion"
-    lines = [
-        "## Evaluation",
-        f"Eval set `{report.eval_sha256[:12]}`, {cand.n_examples} examples, greedy decoding "
-        f"({report.generation.max_new_tokens} new tokens); evaluation run `{report.run_id}`.",
-        "",
-        f"| metric | this version | {champion} |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {m} | {_fmt(getattr(cand, m))} | {_fmt(_get(champ, m))} |" for m in _CARD_METRICS]
-    for check, rate in cand.behavioural.items():
-        theirs = champ.behavioural.get(check) if champ is not None else None
-        lines.append(f"| behavioural: {check} | {_fmt(rate)} | {_fmt(theirs)} |")
-    return "\n".join(lines) + "\n"
+    if run is None:
+        return None
+    info = run.info
+    return TrainingFacts(
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        runner=run.data.tags.get("flywheel.runner"),
+        wall_seconds=(info.end_time - info.start_time) / 1000 if info.end_time else None,
+    )
 
 
 def _validation_text(validation: ValidationReport) -> str:
@@ -672,23 +686,15 @@ def _validation_text(validation: ValidationReport) -> str:
 
 def _dataset_ref(uri: str | None) -> DatasetRef | None:
     """The snapshot's ref.json when the dataset is on this machine (cards are best-effort)."""
-    if not uri or not uri.startswith("file://"):
+    from components.data import REF_FILE
+    from components.uris import is_local, to_path
+
+    if not uri or not is_local(uri):
         return None
-    ref_file = Path(uri.removeprefix("file://")) / "ref.json"
     try:
-        return DatasetRef.model_validate_json(ref_file.read_text())
+        return DatasetRef.model_validate_json((to_path(uri) / REF_FILE).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _get(scores: ModelScores | None, metric: str) -> Any:
-    return getattr(scores, metric) if scores is not None else None
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 # MLflow helpers ----------------------------------------------------------------------------
@@ -737,18 +743,56 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> bool:
     """Point ``alias`` at ``version`` unless it already does; True when it moved."""
-    if _aliases(client, name).get(alias) == version:
-        return False
-    client.set_registered_model_alias(name, alias, version)
+    for attempt in _race_retrying():
+        with attempt:  # each attempt checks again: a writer that won the race may have done it
+            if _aliases(client, name).get(alias) == version:
+                return False
+            client.set_registered_model_alias(name, alias, version)
     log.info("%s: alias %s -> v%s", name, alias, version)
     return True
 
 
+def _delete_alias(client: MlflowClient, name: str, alias: str) -> None:
+    """Remove ``alias`` if it is set."""
+    for attempt in _race_retrying():
+        with attempt:
+            if alias in _aliases(client, name):
+                client.delete_registered_model_alias(name, alias)
+                log.info("%s: alias %s removed", name, alias)
+
+
 def _set_version_tags(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
-    current = _get_version(client, name, version).tags
-    for key, value in tags.items():
-        if current.get(key) != value:
-            client.set_model_version_tag(name, version, key, value)
+    """Set the tags whose value differs (check before set, again on each retry of a race)."""
+    for attempt in _race_retrying():
+        with attempt:
+            current = _get_version(client, name, version).tags
+            for key, value in tags.items():
+                if current.get(key) != value:
+                    client.set_model_version_tag(name, version, key, value)
+
+
+def _race_retrying() -> Retrying:
+    """Retries of a write that lost a race with another process on a shared store (or a busy SQLite)."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
+
+    return Retrying(
+        retry=retry_if_exception(_is_race),
+        stop=stop_after_attempt(5),
+        wait=wait_random(0.05, 0.5),
+        reraise=True,
+    )
+
+
+def _is_race(exc: BaseException) -> bool:
+    """A unique-key collision or a locked database: the write can be checked and tried again."""
+    code = getattr(exc, "error_code", None)
+    text = str(exc)
+    return (
+        code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "TEMPORARILY_UNAVAILABLE")
+        or "IntegrityError" in text
+        or "UNIQUE constraint failed" in text
+        or "database is locked" in text
+    )
 
 
 def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
@@ -840,9 +884,13 @@ def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: 
         log.debug("could not link logged model %s to %s v%s", model_id, name, version, exc_info=True)
 
 
-def _info(mv: ModelVersion, aliases: Mapping[str, str]) -> ModelVersionInfo:
+def _info(client: MlflowClient, mv: ModelVersion, aliases: Mapping[str, str]) -> ModelVersionInfo:
     tags = mv.tags
-    report = _stored_report(mv)
+    try:
+        report = _stored_report(client, mv)
+    except FlywheelError as exc:  # a listing shows what it can
+        log.warning("%s v%s: evaluation not readable: %s", mv.name, mv.version, exc)
+        report = None
     metrics = {}
     if report is not None:
         metrics = {m: v for m in _KEY_METRICS if (v := getattr(report.candidate, m)) is not None}

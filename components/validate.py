@@ -18,18 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.base_model import ensure_base, load_tokenizer
-from components.data import read_split
+from components.data import intents, load_corpus, policy_versions, read_split
+from components.errors import Rejected
 from components.pii import find_pii
 from components.prompt import normalize_prompt
-from components.schemas import (
-    POLICY_VERSIONS,
-    SFT_COLUMNS,
-    SPLITS,
-    DatasetRef,
-    ExpectationResult,
-    Intent,
-    ValidationReport,
-)
+from components.schemas import SFT_COLUMNS, SPLITS, DatasetRef, ExpectationResult, ValidationReport
 from components.settings import Settings
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
@@ -50,7 +43,10 @@ _RESPONSE_TOKENS = "__response_tokens"
 _RESPONSE_PII = "__response_pii"
 _FACTS_MISSING = "__facts_missing"
 _EVAL_LEAK = "__eval_leak"
-_DERIVED = (_ROW, _PROMPT_TOKENS, _RESPONSE_TOKENS, _RESPONSE_PII, _FACTS_MISSING, _EVAL_LEAK)
+_WRONG_TYPES = "__wrong_types"
+_DERIVED = (_ROW, _PROMPT_TOKENS, _RESPONSE_TOKENS, _RESPONSE_PII, _FACTS_MISSING, _EVAL_LEAK, _WRONG_TYPES)
+# Columns that hold text; facts (a list of strings) is judged by facts_in_response.
+_TEXT_COLUMNS = ("id", "prompt", "response", "intent", "policy_version", "source")
 
 # C0 controls except tab and newline, DEL, C1 controls, and U+FFFD (a decoding error upstream;
 # lone surrogates are turned into it before the frame is built, see _clean).
@@ -59,12 +55,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_SAMPLE_CHARS = 160
 
 
-class DataValidationError(Exception):
+class DataValidationError(Rejected):
     """A dataset failed validation; ``report`` says which expectations and rows."""
 
+    report: ValidationReport
+
     def __init__(self, report: ValidationReport) -> None:
-        self.report = report
-        super().__init__(report)
+        super().__init__(f"dataset {report.dataset_sha256[:12]} failed validation", report=report)
 
     def __str__(self) -> str:
         where: dict[str, list[str]] = {}
@@ -97,7 +94,7 @@ def validate(
     Args:
         ref: the snapshot (its sha256 names the Data Docs folder).
         rows: raw rows by split; None reads the snapshot's split files.
-        settings: token budgets and the Data Docs location.
+        settings: token budgets, row minimums, the corpus data and the Data Docs location.
         tokenizer: measures token budgets; None loads the settings' base model tokenizer.
 
     Returns:
@@ -183,6 +180,8 @@ def format_report(report: ValidationReport) -> str:
         what = f" {r.column}" if r.column else ""
         detail = r.note or f"{r.unexpected_count} unexpected"
         example = f"; e.g. {_describe(r.sample[0])}" if r.sample else ""
+        if r.name == "min_rows" and r.sample:
+            detail, example = f"{r.sample[0]['rows']} rows, at least {r.sample[0]['min_rows']} required", ""
         lines.append(f"  x {r.name} {where}{what}: {detail}{example}")
     if report.data_docs_uri:
         lines.append(f"data docs: {report.data_docs_uri}")
@@ -199,7 +198,12 @@ def _checks(split: str, settings: Settings) -> list[_Check]:
     def on(*columns: str) -> tuple[tuple[str, str], ...]:
         return tuple((split, c) for c in columns)
 
+    corpus = load_corpus(settings.corpus_dir)
+    min_rows = settings.min_train_rows if split == TRAIN_SPLIT else settings.min_eval_rows
     checks = [
+        # An empty or near-empty split passes every row check but cannot train or measure
+        # anything: training would fail later, or evaluation would score a handful of rows.
+        _Check("min_rows", gxe.ExpectTableRowCountToBeBetween(min_value=min_rows), None, ()),
         # Training and serving read columns by name: a missing one breaks them, an extra one
         # is usually a mis-mapped export that would silently be dropped.
         _Check(
@@ -208,6 +212,9 @@ def _checks(split: str, settings: Settings) -> list[_Check]:
             None,
             (),
         ),
+        # A number or an object where text belongs is a mis-mapped export; reported as what it
+        # is, not as an empty prompt (the other checks see its JSON text).
+        _Check("column_types", gxe.ExpectColumnValuesToBeNull(column=_WRONG_TYPES), None, ()),
         # An empty prompt teaches the model to answer nothing in particular.
         _Check(
             "prompt_not_empty",
@@ -273,14 +280,14 @@ def _checks(split: str, settings: Settings) -> list[_Check]:
         # Evaluation and routing group rows by intent; an unknown one falls out of every report.
         _Check(
             "known_intent",
-            gxe.ExpectColumnValuesToBeInSet(column="intent", value_set=[i.value for i in Intent]),
+            gxe.ExpectColumnValuesToBeInSet(column="intent", value_set=list(intents(corpus))),
             "intent",
             on("intent"),
         ),
         # Facts are checked against a policy table; an unknown version has none to check against.
         _Check(
             "known_policy_version",
-            gxe.ExpectColumnValuesToBeInSet(column="policy_version", value_set=list(POLICY_VERSIONS)),
+            gxe.ExpectColumnValuesToBeInSet(column="policy_version", value_set=list(policy_versions(corpus))),
             "policy_version",
             on("policy_version"),
         ),
@@ -372,8 +379,11 @@ def _clean(value: str) -> str:
 def _cell(column: str, value: Any) -> Any:
     """A raw value made safe for GX: text columns are always strings (missing → "")."""
     if column in ("prompt", "response", "intent", "policy_version"):
-        # "" rather than None: GX map expectations skip nulls, and these must catch them.
-        return _clean(value) if isinstance(value, str) else ""
+        # "" rather than None: GX map expectations skip nulls, and these must catch them. A
+        # value of the wrong type becomes its JSON text: column_types reports it, once.
+        if value is None:
+            return ""
+        return _clean(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     if column == "id":
         return _clean(value) if isinstance(value, str) else (None if value is None else str(value))
     if isinstance(value, str):
@@ -422,7 +432,8 @@ def _add_derived(frames: dict[str, pd.DataFrame], splits: dict[str, list[dict]],
             frame[_EVAL_LEAK] = [_leak(prompt, held_out) for prompt in frame["prompt"]]
         else:
             frame[_EVAL_LEAK] = [None] * n
-        for column in (_RESPONSE_PII, _FACTS_MISSING, _EVAL_LEAK):
+        frame[_WRONG_TYPES] = [_wrong_types(record) for record in splits[split]]
+        for column in (_RESPONSE_PII, _FACTS_MISSING, _EVAL_LEAK, _WRONG_TYPES):
             frame[column] = frame[column].astype(object)
 
 
@@ -449,6 +460,23 @@ def _facts_missing(facts: Any, response: str | None) -> str | None:
         return f"facts is not a list of strings: {_clip(repr(facts))}"
     missing = [f for f in facts if f not in response]
     return f"missing: {', '.join(map(repr, missing))}" if missing else None
+
+
+def _wrong_types(record: dict) -> str | None:
+    """None when every text column holds text (or nothing), else which ones do not."""
+    wrong = [
+        f"{column}: {_json_type(record[column])}"
+        for column in _TEXT_COLUMNS
+        if record.get(column) is not None and not isinstance(record[column], str)
+    ]
+    return ", ".join(wrong) or None
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "boolean"), (int | float, "number"), (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def _leak_key(prompt: str) -> str:
@@ -499,6 +527,10 @@ def _result(
     if info.get("raised_exception"):
         return ExpectationResult(**base, note=f"GX error: {_clip(str(info.get('exception_message')))}")
     result = gx_result.result or {}
+    if check.name == "min_rows":
+        rows, low = result.get("observed_value"), gx_result.expectation_config.kwargs.get("min_value")
+        sample = [] if base["success"] else [{"rows": rows, "min_rows": low}]
+        return ExpectationResult(**base, unexpected_count=len(sample), sample=sample)
     if check.name == "columns":
         mismatched = (result.get("details") or {}).get("mismatched") or {}
         sample = [{"column": c, "problem": "missing"} for c in mismatched.get("missing", [])]

@@ -117,6 +117,16 @@ def _lone_surrogate(rows: Rows):
     return "train", rows["train"][9]["id"]
 
 
+def _number_prompt(rows: Rows):
+    rows["train"][14]["prompt"] = 12345
+    return "train", rows["train"][14]["id"]
+
+
+def _object_response(rows: Rows):
+    rows["eval"][14]["response"] = {"text": rows["eval"][14]["response"]}
+    return "eval", rows["eval"][14]["id"]
+
+
 def _unknown_intent(rows: Rows):
     rows["train"][10]["intent"] = "billing"
     return "train", rows["train"][10]["id"]
@@ -182,6 +192,8 @@ CASES = {
     "control-char": ("valid_text", _control_char),
     "replacement-char": ("valid_text", _replacement_char),
     "lone-surrogate": ("valid_text", _lone_surrogate),
+    "number-prompt": ("column_types", _number_prompt),
+    "object-response": ("column_types", _object_response),
     "unknown-intent": ("known_intent", _unknown_intent),
     "null-intent": ("known_intent", _null_intent),
     "unknown-policy": ("known_policy_version", _unknown_policy),
@@ -296,9 +308,9 @@ def test_malformed_rows_are_reported_not_raised(seed_ref, settings, tokenizer, r
 
     assert "columns" not in report.failed  # every column still exists in some row
     prompt = _failures(report, "prompt_not_empty")[0]
-    assert prompt.unexpected_count == 2
-    assert {"id": rows["holdout"][1]["id"], "row": 1, "value": 12345} in prompt.sample
-    assert {"id": None, "row": 0, "value": None} in prompt.sample
+    assert prompt.sample == [{"id": None, "row": 0, "value": None}]  # the non-object row
+    (types,) = _failures(report, "column_types")  # a number is a type error, not an empty prompt
+    assert types.sample == [{"id": rows["holdout"][1]["id"], "row": 1, "value": "prompt: number"}]
     facts = _failures(report, "facts_in_response")[0]
     assert {entry["id"] for entry in facts.sample} == {rows["holdout"][2]["id"], rows["holdout"][3]["id"]}
     assert "row 0" in format_report(report)
@@ -312,6 +324,85 @@ def test_train_only_dataset_passes_without_eval_splits(seed_ref, settings, token
     assert {r.split for r in report.results} == {"train"}
 
 
-def test_empty_split_passes(seed_ref, settings, tokenizer, rows):
+def test_an_empty_split_fails_min_rows(seed_ref, settings, tokenizer, rows):
     rows["holdout"] = []
-    assert validate(seed_ref, rows, settings, tokenizer).success
+    rows["eval"] = rows["eval"][:4]
+
+    report = validate(seed_ref, rows, settings, tokenizer)
+
+    assert report.failed == ["min_rows"], format_report(report)
+    assert [(r.split, r.sample) for r in _failures(report, "min_rows")] == [
+        ("eval", [{"rows": 4, "min_rows": 5}]),
+        ("holdout", [{"rows": 0, "min_rows": 5}]),
+    ]
+    assert "[holdout]: 0 rows, at least 5 required" in format_report(report)
+    relaxed = settings.model_copy(update={"min_eval_rows": 0})
+    assert validate(seed_ref, rows, relaxed, tokenizer).success
+
+
+# Files as a user has them (issue 8.5) -------------------------------------------------------
+
+
+def test_an_empty_dataset_file_is_rejected(tmp_path, settings, tokenizer):
+    from components.data import open_dataset
+
+    (tmp_path / "empty.jsonl").write_text("")
+    ref, rows = open_dataset(str(tmp_path / "empty.jsonl"), tmp_path)
+
+    report = validate(ref, rows, settings, tokenizer)
+
+    assert report.failed == ["min_rows"], format_report(report)
+    assert _failures(report, "min_rows")[0].sample == [{"rows": 0, "min_rows": settings.min_train_rows}]
+
+
+def test_a_utf8_file_with_a_bom_and_crlf_passes(tmp_path, settings, tokenizer, rows):
+    from components.data import open_dataset
+
+    file = tmp_path / "export.jsonl"
+    file.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows["train"]).encode())
+    ref, read = open_dataset(str(file), tmp_path)
+
+    report = validate(ref, read, settings, tokenizer)
+
+    assert report.success, format_report(report)
+    assert read["train"] == rows["train"]
+
+
+def test_validation_error_is_a_rejection_that_carries_its_report(seed_ref, settings, tokenizer, rows):
+    from components.errors import Rejected
+
+    rows["train"][0]["response"] = ""
+    with pytest.raises(Rejected) as caught:
+        validate_or_raise(seed_ref, rows, settings, tokenizer)
+    assert isinstance(caught.value, DataValidationError) and caught.value.exit_code == 1
+    assert caught.value.report.failed == ["response_not_empty"]
+
+
+def test_a_third_policy_version_seeds_and_validates_with_no_code_change(tmp_path, settings, tokenizer):
+    """A policy version added to a copy of the corpus data is generated and accepted by validation."""
+    from importlib import resources
+
+    import yaml
+
+    from components.data import generate_corpus, load_corpus, snapshot
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("policies.yaml", "intents.yaml", "slots.yaml"):
+        (folder / name).write_text((resources.files("components") / "corpus" / name).read_text())
+    policies = yaml.safe_load((folder / "policies.yaml").read_text())
+    policies["policies"]["v3"] = {
+        **policies["policies"]["v2"],
+        "return_window": "90 days",
+        "warranty": "36 months",
+    }
+    (folder / "policies.yaml").write_text(yaml.safe_dump(policies, sort_keys=False))
+    settings = settings.model_copy(update={"corpus_dir": folder})
+
+    ref = snapshot(generate_corpus(600, "v3", 0, load_corpus(settings.corpus_dir)), settings.datasets_dir)
+    report = validate(ref, None, settings, tokenizer)
+
+    assert report.success, format_report(report)
+    assert ref.policy_version == "v3"
+    shipped = validate(ref, None, settings.model_copy(update={"corpus_dir": None}), tokenizer)
+    assert shipped.failed == ["known_policy_version"]  # the shipped data knows no v3

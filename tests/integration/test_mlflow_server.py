@@ -126,8 +126,8 @@ def test_register_and_promote_through_a_tracking_server(
 ):
     from mlflow import MlflowClient
 
-    from components import registry
-    from components.evaluate import evaluate, load_model_from_uri
+    from components import predict, registry
+    from components.evaluate import evaluate
     from components.schemas import PromotionGate, TrainParams
     from components.settings import Settings
     from components.tracking import experiment_id
@@ -171,5 +171,5 @@ def test_register_and_promote_through_a_tracking_server(
     assert "## Known limitations" in Path(card).read_text()
 
     # Serving's path: the champion's files come through the server, not from a local folder.
-    model, _ = load_model_from_uri(f"models:/{settings.model_name}@champion", settings)
-    assert model.num_parameters() > 0
+    predictor = predict.load(f"models:/{settings.model_name}@champion", settings)
+    assert predictor.model.num_parameters() > 0 and predictor.version == version

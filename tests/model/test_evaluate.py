@@ -109,7 +109,8 @@ def test_directional_check_rewards_the_new_policy_and_catches_stale_facts(v2_rep
     print(f"\nv2 model {cand.behavioural} facts {cand.fact_accuracy}\nv1 model {champ.behavioural}")
     assert set(cand.behavioural) == {"invariance", "directional"} and "directional" in v2_report.checks
     # The v1 model answers v2 prompts with the values v2 replaced: it fails the check.
-    assert champ.behavioural["directional"] <= 0.05 and champ.fact_accuracy <= 0.1
+    # (Out-of-scope prompts, ~1/9 of the set, get the same refusal under every policy version.)
+    assert champ.behavioural["directional"] <= 0.05 and champ.fact_accuracy <= 0.2
     assert cand.behavioural["directional"] >= champ.behavioural["directional"] + 0.3
     assert cand.fact_accuracy > champ.fact_accuracy + 0.3
 
@@ -123,7 +124,7 @@ def test_replay_set_is_scored(v1_report, replay_ref):
 def test_report_and_chart_are_logged_to_an_mlflow_run(v1_report, trained_v1, store_settings, tmp_path):
     import mlflow
 
-    from components.evaluate import CHART_ARTIFACT, REPORT_ARTIFACT
+    from components.evaluate import CHART_ARTIFACT, REPORT_ARTIFACT, report_text
     from components.schemas import EvalReport
 
     client = mlflow.MlflowClient(store_settings.tracking_uri)
@@ -133,32 +134,42 @@ def test_report_and_chart_are_logged_to_an_mlflow_run(v1_report, trained_v1, sto
     assert run.data.tags["flywheel.candidate"] == trained_v1.model_uri
     assert run.data.metrics["candidate.fact_accuracy"] == pytest.approx(v1_report.candidate.fact_accuracy)
     assert run.data.metrics["champion.eval_loss"] == pytest.approx(v1_report.champion.eval_loss)
-    folder = mlflow.artifacts.download_artifacts(
+    mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, dst_path=str(tmp_path), tracking_uri=store_settings.tracking_uri
     )
+    # The whole report (sample failures included), as the registry will read it back.
     logged = EvalReport.model_validate(json.loads((tmp_path / REPORT_ARTIFACT).read_text()))
-    assert logged == v1_report
+    assert logged == v1_report and logged.failures == v1_report.failures
+    assert (tmp_path / REPORT_ARTIFACT).read_text() == report_text(v1_report)
     assert (tmp_path / CHART_ARTIFACT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert folder
 
 
-def test_weights_load_from_safetensors_only(base_model_dir, store_settings, tmp_path):
-    import shutil
+def test_directional_check_works_for_any_policy_versions():
+    """A third policy version: its rows are checked against what v1 and v2 said, with no code change."""
+    from components.data import CorpusSpec, load_corpus, policy_facts
+    from components.evaluate import _directional, _Example, replaced_facts
 
-    from components.evaluate import load_model_from_uri
+    shipped = load_corpus()
+    v1, v2 = policy_facts("v1"), policy_facts("v2")
+    key = next(k for k in v1 if v1[k] != v2[k])  # a fact v2 changed
+    v3 = v2 | {key: "a brand-new value"}
+    spec = CorpusSpec.model_validate(
+        shipped.model_dump() | {"policies": shipped.model_dump()["policies"] | {"v3": v3}}
+    )
+    assert replaced_facts("v1", spec) == {}
+    assert replaced_facts("v2", spec)[v2[key]] == {v1[key]}
+    assert replaced_facts("v3", spec)["a brand-new value"] == {v1[key], v2[key]}
 
-    model, tokenizer = load_model_from_uri(str(base_model_dir), store_settings)
-    pickled = tmp_path / "pickled"
-    model.save_pretrained(pickled, safe_serialization=False)
-    tokenizer.save_pretrained(pickled)
-    for weights in pickled.glob("*.safetensors"):
-        weights.unlink()
-    with pytest.raises(OSError):
-        load_model_from_uri(str(pickled), store_settings)
-
-    # An MLflow model folder that holds no safetensors weights is refused with a clear error.
-    fake = tmp_path / "mlflow-model"
-    shutil.copytree(pickled, fake / "model")
-    (fake / "MLmodel").write_text("flavors:\n  transformers:\n    model_binary: model\n")
-    with pytest.raises(ValueError, match="safetensors"):
-        load_model_from_uri(str(fake), store_settings)
+    replaced = {v: replaced_facts(v, spec) for v in ("v1", "v2", "v3")}
+    example = _Example("x", "eval", "q", "a", ("a brand-new value",), "v3")
+    outcomes = _directional(
+        [
+            (example, "It is a brand-new value now."),  # the new fact: passes
+            (example, f"It is a brand-new value, not {v1[key]}."),  # states a replaced value: stale
+            (example, f"It is {v2[key]}."),  # the v2 value: missing and stale
+            (_Example("y", "eval", "q", "a", (v1[key],), "v1"), v1[key]),  # v1 replaced nothing: no case
+        ],
+        replaced,
+    )
+    assert [ok for ok, _ in outcomes] == [True, False, False]
+    assert repr(v2[key]) in outcomes[2][1]

@@ -18,7 +18,9 @@ pytest_plugins = ["fixtures.models"]
 EXAMPLES = 60
 # Floors the session's small models clear (the defaults are for production-size models); the
 # regression limits are the defaults.
-GATE = dict(min_fact_accuracy=0.3, min_behavioural_pass_rate=0.4)
+# The shared test models train too briefly to copy product names (benchmarks/train_defaults.py
+# measures that on the default run): the registry's floors here are on facts and behaviour.
+GATE = dict(min_fact_accuracy=0.3, min_behavioural_pass_rate=0.4, min_product_accuracy=0.0)
 
 
 def _client(settings):
@@ -77,9 +79,8 @@ def test_register_is_idempotent_and_records_lineage_and_a_model_card(trained_v1,
 def test_promotion_is_gated_idempotent_and_reversible(
     trained_v1, undertrained_v1, trained_v2, seed_ref, v2_ref, registry_settings
 ):
-    from components import registry
-    from components.evaluate import load_model_from_uri
-    from components.schemas import PromotionGate
+    from components import predict, registry
+    from components.schemas import GenerationParams, PromotionGate
 
     settings, gate = registry_settings, PromotionGate(**GATE)
 
@@ -149,8 +150,11 @@ def test_promotion_is_gated_idempotent_and_reversible(
     champion = registry.resolve("champion", settings)
     assert champion.version == v1 and champion.model_uri == f"models:/{settings.model_name}/{v1}"
     assert champion.download_uri
-    model, tokenizer = load_model_from_uri(f"models:/{settings.model_name}@champion", settings)
-    assert model.num_parameters() > 0 and tokenizer.eos_token
+    served = predict.load("champion", settings)
+    assert (served.version, served.uri) == (v1, champion.model_uri)
+    assert (
+        served.generate(["Where is my order?"], GenerationParams(max_new_tokens=4))[0].completion_tokens > 0
+    )
 
     # Undoing the rollback: v2 was judged against v1, which is champion again, so it still holds.
     redo = registry.promote(v2, gate, settings)
@@ -201,6 +205,7 @@ def _report(model: str, version: str | None, champion_uri: str | None):
 
 def test_a_report_of_another_model_is_refused(trained_v1, trained_v2, registry_settings):
     from components import registry
+    from components.errors import InvalidInput
 
     settings = registry_settings
     version = registry.register(trained_v1, settings)
@@ -208,7 +213,7 @@ def test_a_report_of_another_model_is_refused(trained_v1, trained_v2, registry_s
         _report(trained_v2.model_uri, None, None),
         _report(f"models:/{settings.model_name}/9", "9", None),
     ):
-        with pytest.raises(ValueError, match="not"):
+        with pytest.raises(InvalidInput, match="not"):
             registry.record_evaluation(version, wrong, settings)
     # The URI it was registered from, or the registry version itself, is accepted.
     registry.record_evaluation(version, _report(trained_v1.model_uri, None, None), settings)
@@ -218,21 +223,56 @@ def test_a_report_of_another_model_is_refused(trained_v1, trained_v2, registry_s
     assert registry.list_models(settings)[0].metrics["fact_accuracy"] == 0.5
 
 
-def test_a_large_report_is_stored_without_its_sample_failures(trained_v1, registry_settings):
+def test_a_large_report_is_stored_whole_in_its_evaluation_run(trained_v1, registry_settings):
+    import hashlib
+
     from components import registry
+    from components.errors import Conflict
+    from components.evaluate import REPORT_ARTIFACT
     from components.schemas import PromotionGate
+    from components.uris import to_path
 
     settings = registry_settings
     version = registry.register(trained_v1, settings)
-    report = _report(trained_v1.model_uri, None, None).model_copy(
-        update={"failures": {"invariance": ["a prompt that was answered with other facts " * 20] * 20}}
-    )
-    assert len(report.model_dump_json()) > 5000  # MLflow's tag column (PostgreSQL enforces it)
+    failures = {
+        "invariance": [f"case {i}: a prompt that was answered with other facts " * 20 for i in range(20)]
+    }
+    report = _report(trained_v1.model_uri, None, None).model_copy(update={"failures": failures})
+    assert len(report.model_dump_json()) > 5000  # more than MLflow's tag column holds
     registry.record_evaluation(version, report, settings)
-    stored = _tags(settings, version)["flywheel.eval.report"]
-    assert len(stored) <= 5000 and '"failures":{}' in stored
-    decision = registry.promote(version, PromotionGate(**GATE), settings)
-    assert decision.promoted
+    tags = _tags(settings, version)
+    registry.record_evaluation(version, report, settings)  # recording it again changes nothing
+    assert _tags(settings, version) == tags
+
+    # The version names the run that holds the report and the file's sha256; no report in a tag.
+    assert "flywheel.eval.report" not in tags
+    run_id, sha = tags[registry.TAG_EVAL_RUN], tags[registry.TAG_EVAL_SHA]
+    client = _client(settings)
+    stored = to_path(client.get_run(run_id).info.artifact_uri) / REPORT_ARTIFACT  # the store's own file
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == sha
+    read_back = registry.stored_report(version, settings)
+    assert read_back.failures == failures and read_back.run_id == run_id
+    assert read_back == report.model_copy(update={"run_id": run_id})
+    assert registry.promote(version, PromotionGate(**GATE), settings).promoted
+
+    # A report file changed after it was recorded is refused, not judged.
+    stored.write_text(stored.read_text().replace('"fact_accuracy": 0.5', '"fact_accuracy": 0.9'))
+    registry._REPORTS.clear()  # this process read it before: forget, as a new process would
+    with pytest.raises(Conflict, match="changed after it was recorded"):
+        registry.stored_report(version, settings)
+
+
+def test_the_code_version_comes_from_settings_before_git(undertrained_v1, registry_settings, monkeypatch):
+    from components import registry
+    from components.settings import Settings
+
+    monkeypatch.setenv("FLYWHEEL_CODE_VERSION", "image-build-1234")
+    settings = Settings(**registry_settings.model_dump(exclude={"code_version"}), _env_file=None)
+    assert settings.code_version == "image-build-1234"
+    version = registry.register(undertrained_v1, settings)
+    assert _tags(settings, version)[registry.TAG_GIT] == "image-build-1234"
+    card = _client(settings).get_model_version(settings.model_name, version).description
+    assert "code: `image-build-1234`" in card
 
 
 def test_empty_registry_errors_are_named(registry_settings):
@@ -249,3 +289,33 @@ def test_empty_registry_errors_are_named(registry_settings):
         registry.rollback(registry_settings)
     with pytest.raises(ValidationError, match="unknown gate metric"):
         PromotionGate(regressions={"fact_acuracy": MetricThreshold(max_regression=0.1)})
+
+
+def test_racing_promotions_of_one_version_move_the_alias_once(undertrained_v1, trained_v1, registry_settings):
+    """Two promotes of the same version at once: both return, one moves the aliases, the other sees it done."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components import registry
+    from components.schemas import PromotionGate
+
+    settings, gate = registry_settings, PromotionGate(min_fact_accuracy=0, min_behavioural_pass_rate=0)
+    first = registry.register(
+        undertrained_v1, settings, eval_report=_report(undertrained_v1.model_uri, None, None)
+    )
+    assert registry.promote(first, gate, settings).promoted
+    report = _report(trained_v1.model_uri, None, registry.champion_uri(settings))
+    second = registry.register(trained_v1, settings, eval_report=report)
+    start = threading.Barrier(3)
+
+    def promote():
+        start.wait()
+        return registry.promote(second, gate, settings)
+
+    with ThreadPoolExecutor(3) as pool:
+        decisions = list(pool.map(lambda _: promote(), range(3)))
+    assert all(d.promoted for d in decisions), [d.reasons for d in decisions]
+    moved = [d for d in decisions if "already_champion" not in d.checks]
+    assert len(moved) == 1 and moved[0].previous_champion == first
+    assert _aliases(settings) == {"champion": second, "previous": first}
+    assert _tags(settings, second)[registry.TAG_REPLACED] == first

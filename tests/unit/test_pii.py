@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.data import POLICIES, corpus_texts
+from components.data import corpus_texts, policy_facts, policy_versions
 from components.pii import PiiMatch, find_pii, iban_ok, luhn_ok, redact
 
 pytestmark = pytest.mark.unit
@@ -70,7 +70,7 @@ def test_ignores_support_text_that_is_not_pii(text):
 
 
 def test_corpus_and_policy_facts_hold_no_pii():
-    facts = [fact for table in POLICIES.values() for fact in table.values()]
+    facts = [fact for version in policy_versions() for fact in policy_facts(version).values()]
     texts = corpus_texts(0) + facts
     assert [t for t in texts if find_pii(t)] == []
 
@@ -100,3 +100,39 @@ def test_checksums():
     assert iban_ok("DE89370400440532013000") and iban_ok("gb82west12345698765432")
     assert not iban_ok("DE89370400440532013001")
     assert not iban_ok("DE8937040044053201300")  # one character short for Germany
+
+
+# Decided by phonenumbers / python-stdnum rather than hand-written tables ----------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("mobile 07911 123456 please", "07911 123456"),  # UK mobile layout
+        ("Berlin office 030 12345678", "030 12345678"),  # German area code + subscriber
+        ("+33 6 12 34 56 78", "+33 6 12 34 56 78"),
+    ],
+)
+def test_phone_layouts_a_library_knows(text, found):
+    assert [(m.kind, m.text) for m in find_pii(text)] == [("phone", found)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ref 123-456-7890",  # no North American area code starts with 1
+        "call +1 555 555 5555",  # 555 is not an assigned area code
+        "IBAN GB25123412345698765432",  # passes mod-97, but a GB IBAN has a 4-letter bank code
+    ],
+)
+def test_number_shapes_that_are_not_valid_numbers(text):
+    assert find_pii(text) == []
+
+
+def test_redact_counts_reports_each_kind():
+    from components.pii import redact_counts
+
+    text, counts = redact_counts("a@example.com, b@example.org, +1 (415) 555-2671 and 4111 1111 1111 1111")
+    assert text == "[EMAIL], [EMAIL], [PHONE] and [CARD]"
+    assert counts == {"email": 2, "phone": 1, "card": 1}
+    assert redact_counts("nothing here") == ("nothing here", {})
