@@ -33,14 +33,13 @@ if TYPE_CHECKING:  # heavy imports stay inside functions
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# Test-only fault hook: the last-ranked worker exits hard once when it reaches this step.
-FAIL_AT_STEP_ENV = "FLYWHEEL_TEST_FAIL_AT_STEP"
-FAIL_MARKER = ".failed-once"
-
 WEIGHTS_FILE = "model.safetensors"
 OPTIM_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
 EXPORT_DIR = "export"
+
+# The run's final train loss is the mean of its last this many step losses.
+_LOSS_TAIL = 10
 
 Record = dict[str, float]
 LogFn = Callable[[Record], None]
@@ -432,8 +431,12 @@ class LocalSession:
         if checkpoint_dir is None or self.checkpoint_root is None:
             return
         target = self.checkpoint_root / f"checkpoint_{int(metrics['step']):06d}"
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, partial)
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, target)
+        # A kill during the copy leaves only the hidden partial folder: never a half checkpoint to resume.
+        partial.rename(target)
         self.last_checkpoint = target
         for old in self._checkpoints()[: -self.num_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -443,6 +446,10 @@ class LocalSession:
 
 
 # The per-worker routine --------------------------------------------------------------------
+
+# Called at the start of every optimizer step with the step number and the session: how a
+# test injects a fault (it must be picklable to reach Ray workers). None in production.
+StepHook = Callable[[int, "LoopSession"], None]
 
 
 @dataclass
@@ -463,75 +470,78 @@ def worker_config(
     base_model: str,
     *,
     export: bool = False,
-    fail_marker_dir: Path | str | None = None,
+    on_step: StepHook | None = None,
 ) -> dict[str, Any]:
     """The small, picklable config a worker needs: paths and the params dict, never big objects.
 
     Args:
-        dataset_dir: local folder of the dataset snapshot.
+        dataset_dir: local folder of the dataset snapshot (a path, never a ``file://`` URI).
         params: hyper-parameters.
         base_model: path or HF id of the model to fine-tune.
         export: put the servable (merged) model under ``export/`` in the final checkpoint.
-        fail_marker_dir: where the test-only fault hook keeps its fail-once marker.
+        on_step: called as ``on_step(step, session)`` before each optimizer step (tests inject
+            faults with it).
+
+    Returns:
+        The config :func:`run_worker` takes.
     """
     return {
         "dataset_dir": str(dataset_dir),
         "params": params.model_dump(mode="json"),
         "base_model": base_model,
         "export": export,
-        "fail_marker_dir": str(fail_marker_dir) if fail_marker_dir else None,
+        "on_step": on_step,
     }
 
 
-def _maybe_fail(step: int, session: LoopSession, marker_dir: str | None) -> None:
-    """Test-only fault injection: exit this worker process hard, once per run."""
-    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
-    if not fail_at or not marker_dir or int(fail_at) != step or session.world_rank != session.world_size - 1:
-        return
-    marker = Path(marker_dir) / FAIL_MARKER
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    # Ray registers a reported checkpoint when its controller next polls the workers (every
-    # ~2 s); a crash inside that window loses it. This hook tests resuming, not that race.
-    session.wait_for_checkpoints()
-    log.warning("fault hook: worker rank %d exits at step %d", session.world_rank, step)
-    os._exit(1)
+@dataclass
+class _Job:
+    """What one worker trains with, loaded once; ``model`` is the (maybe LoRA-wrapped) unwrapped model."""
+
+    params: TrainParams
+    device: torch.device
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module
+    train_ex: list[Example]
+    eval_ex: list[Example]
+
+    def evaluate(self, rank: int, world: int) -> float:
+        """Eval loss over the eval examples, all-reduced over the ranks."""
+        return eval_loss(
+            self.model,
+            self.eval_ex,
+            self.tokenizer.pad_token_id,
+            device=self.device,
+            bf16=self.params.bf16,
+            rank=rank,
+            world_size=world,
+        )
 
 
-def run_worker(config: Mapping[str, Any], session: LoopSession, on_log: LogFn | None = None) -> WorkerOutput:
-    """Fine-tune the base model on the dataset folder: the loop every worker (or one process) runs.
+def _set_threads(params: TrainParams, session: LoopSession, device: torch.device) -> None:
+    import torch
 
-    Loads its own tokenizer, model and data shard; resumes from the session's checkpoint when
-    there is one; checkpoints every ``checkpoint_every`` steps and at the end (the final one
-    also holds the exported model under ``export/``).
+    if device.type == "cpu":
+        # Workers on one node share its cores: oversubscribed threads cost more than they give.
+        fair_share = max(1, (os.cpu_count() or 1) // max(session.local_world_size, 1))
+        torch.set_num_threads(params.cpu_threads or fair_share)
 
-    Args:
-        config: from :func:`worker_config`.
-        session: the adapter to the runner (Ray Train or one process).
-        on_log: called on rank 0 with each metrics record (``step`` plus values).
 
-    Returns:
-        Steps done, final metrics, and on rank 0 the trained (merged) model and tokenizer.
-    """
+def _load_job(config: Mapping[str, Any], session: LoopSession) -> _Job:
+    """Tokenizer, model (LoRA-wrapped when asked, on the device) and tokenized splits of one worker."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from components.base_model import load_tokenizer
     from components.data import read_split
+    from components.errors import InvalidInput
 
     params = TrainParams.model_validate(config["params"])
-    rank, world = session.world_rank, session.world_size
     device = session.device(params.use_gpu)
-    if device.type == "cpu":
-        # Workers on one node share its cores: oversubscribed threads cost more than they give.
-        fair_share = max(1, (os.cpu_count() or 1) // max(session.local_world_size, 1))
-        torch.set_num_threads(params.cpu_threads or fair_share)
-    log.info("rank %d/%d on %s, %d torch threads", rank, world, device, torch.get_num_threads())
+    _set_threads(params, session, device)
+    threads = torch.get_num_threads()
+    log.info("rank %d/%d on %s, %d torch threads", session.world_rank, session.world_size, device, threads)
     torch.manual_seed(params.seed)
-    emit = on_log if (on_log is not None and rank == 0) else (lambda record: None)
-
     tokenizer = load_tokenizer(config["base_model"])
     model = AutoModelForCausalLM.from_pretrained(
         config["base_model"], use_safetensors=True, dtype=torch.float32
@@ -539,60 +549,83 @@ def run_worker(config: Mapping[str, Any], session: LoopSession, on_log: LogFn | 
     if params.lora is not None:
         model = apply_lora(model, params.lora)
     model.to(device)
-    train_ex = build_examples(read_split(config["dataset_dir"], "train"), tokenizer, params.max_seq_len)
-    eval_rows = spread(read_split(config["dataset_dir"], "eval"), params.eval_examples)
+    folder = config["dataset_dir"]
+    train_ex = build_examples(read_split(folder, "train"), tokenizer, params.max_seq_len)
+    if not train_ex:
+        # A deterministic data error: no restart can fix it, so say what is wrong.
+        raise InvalidInput(f"{folder}: no training examples (train split empty, or every row > max_seq_len)")
+    eval_rows = spread(read_split(folder, "eval"), params.eval_examples)
     eval_ex = build_examples(eval_rows, tokenizer, params.max_seq_len)
-    pad_id = tokenizer.pad_token_id
+    return _Job(params, device, tokenizer, model, train_ex, eval_ex)
 
-    optimizer = make_optimizer(model, params)
-    scheduler = make_scheduler(optimizer, params)
+
+def _restore(
+    session: LoopSession, job: _Job, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """The loop's counters, from the session's latest checkpoint (model and optimizer restored in place)."""
     state: dict[str, Any] = {"step": 0, "tokens": 0, "train_seconds": 0.0, "base_eval_loss": None}
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
-            state.update(load_checkpoint(ckpt, model, optimizer, scheduler))
-            log.info("rank %d resumed from step %d (%s)", rank, state["step"], ckpt)
-    resumed_from = int(state["step"])
+            state.update(load_checkpoint(ckpt, job.model, optimizer, scheduler))
+            log.info("rank %d resumed from step %d (%s)", session.world_rank, state["step"], ckpt)
+    return state
 
-    def _eval() -> float:
-        return eval_loss(model, eval_ex, pad_id, device=device, bf16=params.bf16, rank=rank, world_size=world)
 
-    if state["base_eval_loss"] is None and eval_ex:
-        state["base_eval_loss"] = _eval()
-        emit({"step": 0, "base_eval_loss": state["base_eval_loss"]})
-    if resumed_from:
-        emit({"step": resumed_from, "resumed_from_step": resumed_from})
+def _micro_batches(job: _Job, schedule: BatchSchedule, step: int) -> list[dict[str, torch.Tensor]]:
+    """The ``grad_accum`` micro-batches of optimizer step ``step`` (1-based), on the job's device."""
+    first = (step - 1) * job.params.grad_accum
+    pad_id = job.tokenizer.pad_token_id
+    return [
+        {
+            k: v.to(job.device, non_blocking=True)
+            for k, v in collate([job.train_ex[i] for i in schedule.micro_batch(first + j)], pad_id).items()
+        }
+        for j in range(job.params.grad_accum)
+    ]
 
-    wrapped = session.wrap_model(model)
+
+def _train_steps(
+    job: _Job,
+    session: LoopSession,
+    objects: tuple[torch.nn.Module, torch.optim.Optimizer, Any],
+    state: dict[str, Any],
+    emit: LogFn,
+    on_step: StepHook | None,
+) -> list[Record]:
+    """Optimizer steps from ``state["step"] + 1`` to ``max_steps``: evals and periodic checkpoints.
+
+    The final checkpoint is the caller's (it may also export the model).
+
+    Returns:
+        The per-step records of this incarnation of the run.
+    """
+    import torch
+
+    params, world = job.params, session.world_size
+    wrapped, optimizer, scheduler = objects
     if params.compile:
         wrapped = torch.compile(wrapped)
-    schedule = BatchSchedule(len(train_ex), params.batch_size, world, rank, params.seed)
-
-    def _autocast() -> contextlib.AbstractContextManager:
-        return autocast_context(device, params.bf16)
-
+    schedule = BatchSchedule(len(job.train_ex), params.batch_size, world, session.world_rank, params.seed)
     history: list[Record] = []
-    metrics: dict[str, float] = {}
-    step = resumed_from
-    for step in range(resumed_from + 1, params.max_steps + 1):
-        _maybe_fail(step, session, config.get("fail_marker_dir"))
+    for step in range(int(state["step"]) + 1, params.max_steps + 1):
+        if on_step is not None:
+            on_step(step, session)
         started = time.perf_counter()
-        first = (step - 1) * params.grad_accum
-        micro = [
-            {
-                k: v.to(device, non_blocking=True)
-                for k, v in collate([train_ex[i] for i in schedule.micro_batch(first + j)], pad_id).items()
-            }
-            for j in range(params.grad_accum)
-        ]
         lr = scheduler.get_last_lr()[0]
         stats = train_step(
-            wrapped, micro, optimizer, scheduler, max_grad_norm=params.max_grad_norm, autocast=_autocast
+            wrapped,
+            _micro_batches(job, schedule, step),
+            optimizer,
+            scheduler,
+            max_grad_norm=params.max_grad_norm,
+            autocast=lambda: autocast_context(job.device, params.bf16),
         )
         seconds = time.perf_counter() - started
         # Ranks' micro-batches hold the same number of rows: world x local tokens ~ the global rate.
-        state["step"] = step
-        state["tokens"] += stats.tokens * world
+        state.update(step=step, tokens=state["tokens"] + stats.tokens * world)
         state["train_seconds"] += seconds
+        # Saved with each checkpoint: a run resumed near (or at) its end still reports its train loss.
+        state["loss_tail"] = [*state.get("loss_tail", []), stats.loss][-_LOSS_TAIL:]
         record = {
             "step": step,
             "train_loss": stats.loss,
@@ -604,44 +637,85 @@ def run_worker(config: Mapping[str, Any], session: LoopSession, on_log: LogFn | 
         emit(record)
         final = step == params.max_steps
         if final or (params.eval_every and step % params.eval_every == 0):
-            state["eval_loss"] = _eval() if eval_ex else math.nan
+            state["eval_loss"] = job.evaluate(session.world_rank, world) if job.eval_ex else math.nan
             emit({"step": step, "eval_loss": state["eval_loss"]})
-        if final:
-            metrics = _summary(state, history)
-        if final or step % params.checkpoint_every == 0:
-            exported = _checkpoint(
-                session,
-                state,
-                metrics,
-                (model, optimizer, scheduler, tokenizer),
-                export=final and bool(config.get("export")),
-            )
-            if exported is not None:
-                model = exported
-    if not metrics:  # resumed from the final checkpoint: nothing left to train
-        metrics = _summary(state, history)
+        if not final and step % params.checkpoint_every == 0:
+            _checkpoint(session, state, {}, (job.model, optimizer, scheduler, job.tokenizer), export=False)
+    return history
 
+
+def run_worker(config: Mapping[str, Any], session: LoopSession, on_log: LogFn | None = None) -> WorkerOutput:
+    """Fine-tune the base model on the dataset folder: the loop every worker (or one process) runs.
+
+    Loads its own tokenizer, model and data shard; resumes from the session's checkpoint when
+    there is one; checkpoints every ``checkpoint_every`` steps and at the end (the final one
+    also holds the exported model under ``export/``). ``config["on_step"]``, when set, is
+    called before each step.
+
+    Args:
+        config: from :func:`worker_config`.
+        session: the adapter to the runner (Ray Train or one process).
+        on_log: called on rank 0 with each metrics record (``step`` plus values).
+
+    Returns:
+        Steps done, final metrics, and on rank 0 the trained (merged) model and tokenizer.
+    """
+    job = _load_job(config, session)
+    rank, world = session.world_rank, session.world_size
+    emit = on_log if (on_log is not None and rank == 0) else (lambda record: None)
+    optimizer = make_optimizer(job.model, job.params)
+    scheduler = make_scheduler(optimizer, job.params)
+    state = _restore(session, job, optimizer, scheduler)
+    resumed_from = int(state["step"])
+    if state["base_eval_loss"] is None and job.eval_ex:
+        state["base_eval_loss"] = job.evaluate(rank, world)
+        emit({"step": 0, "base_eval_loss": state["base_eval_loss"]})
+    if resumed_from:
+        emit({"step": resumed_from, "resumed_from_step": resumed_from})
+
+    history = _train_steps(
+        job,
+        session,
+        (session.wrap_model(job.model), optimizer, scheduler),
+        state,
+        emit,
+        config.get("on_step"),
+    )
+    metrics = _summary(state, history)
+    # Also after a resume from the final checkpoint: the runner's result is the last one reported.
+    exported = _checkpoint(
+        session,
+        state,
+        metrics,
+        (job.model, optimizer, scheduler, job.tokenizer),
+        export=bool(config.get("export")),
+    )
     out_model = None
     if rank == 0:
-        out_model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        out_model = exported if exported is not None else _merged(job.model)
     return WorkerOutput(
-        steps=step,
+        steps=int(state["step"]),
         metrics=metrics,
         resumed_from_step=resumed_from,
         history=history,
         model=out_model,
-        tokenizer=tokenizer if rank == 0 else None,
+        tokenizer=job.tokenizer if rank == 0 else None,
     )
 
 
+def _merged(model: torch.nn.Module) -> PreTrainedModel:
+    """The plain model: LoRA adapters merged into the base weights (a plain model as it is)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def _summary(state: Mapping[str, Any], history: Sequence[Record]) -> dict[str, float]:
-    """The run's headline numbers (tokens/s over every incarnation of the run, not just this one)."""
+    """The run's headline numbers (train loss and tokens/s over every incarnation of the run, not just this one)."""
 
     def _num(value: float | None) -> float:
         return math.nan if value is None else float(value)
 
     return {
-        "train_loss": _tail_mean([r["train_loss"] for r in history]),
+        "train_loss": _tail_mean(state.get("loss_tail") or [r["train_loss"] for r in history], _LOSS_TAIL),
         "eval_loss": _num(state.get("eval_loss")),
         "base_eval_loss": _num(state.get("base_eval_loss")),
         "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
@@ -678,7 +752,7 @@ def _checkpoint(
     return exported
 
 
-def _tail_mean(values: Sequence[float], n: int = 10) -> float:
+def _tail_mean(values: Sequence[float], n: int = _LOSS_TAIL) -> float:
     """Mean of the last ``n`` values: a less noisy final training loss than the last step's."""
     tail = list(values)[-n:]
     return sum(tail) / len(tail) if tail else math.nan
@@ -710,6 +784,7 @@ def fit(
     output_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
     on_log: LogFn | None = None,
+    on_step: StepHook | None = None,
 ) -> FitResult:
     """Fine-tune in this process, without Ray or MLflow (same loop as the Ray Train workers).
 
@@ -721,11 +796,12 @@ def fit(
         output_dir: if set, the fine-tuned model + tokenizer are saved there (safetensors).
         checkpoint_dir: if set, checkpoints go there and an existing one is resumed from.
         on_log: called with every metrics record (train steps, evals).
+        on_step: called as ``on_step(step, session)`` before each optimizer step.
 
     Returns:
         The fine-tuned (LoRA-merged) model, its tokenizer, steps and metrics.
     """
-    from components.data import dataset_path
+    from components.uris import to_path
 
     base_model = params.base_model or settings.base_model_ref
 
@@ -736,7 +812,8 @@ def fit(
             progress({**record, "loss": record["train_loss"], "max_steps": params.max_steps})
 
     session = LocalSession(checkpoint_dir)
-    out = run_worker(worker_config(dataset_path(ref), params, base_model), session, _log)
+    config = worker_config(to_path(ref.uri), params, base_model, on_step=on_step)
+    out = run_worker(config, session, _log)
     assert out.model is not None and out.tokenizer is not None  # rank 0 of one
     saved = None
     if output_dir is not None:
