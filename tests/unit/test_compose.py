@@ -4,14 +4,14 @@ literal passwords, a valid Serve config, and an image that pins torch and runs a
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
-pytestmark = pytest.mark.helm
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.unit
+
 COMPOSE = REPO_ROOT / "infra" / "docker-compose.yaml"
 
 
