@@ -1,12 +1,16 @@
-"""Do the default training settings deliver? Time ``train()`` with defaults and score the model's facts.
+"""Do the default training settings deliver? Time ``train()`` with defaults and score the model's answers.
 
 What ``flywheel train --workers 2`` does on a fresh home: build the default base model, snapshot
 the default 2,400-row corpus, train with ``TrainParams()`` on Ray Train (2 CPU workers), log to
-MLflow. Then the logged model answers every eval and holdout prompt greedily from
-``format_prompt(prompt)``; an answer counts when it contains all of the row's ``facts``.
+MLflow. Then the logged model answers every eval and holdout prompt greedily through
+``components.predict`` (what evaluation and serving use), and the answers are scored with
+``components.evaluate.answer_quality`` (the gate's metrics): fact accuracy, product-name
+accuracy, refusal accuracy on out-of-scope prompts and false refusals on in-scope ones, per
+split and per intent. The issue's goals are read on the holdout split.
 
     python benchmarks/train_defaults.py
-    python benchmarks/train_defaults.py --seeds 0,1,2     # training seeds (data order)
+    python benchmarks/train_defaults.py --seeds 0,1,2                 # training seeds (data order)
+    python benchmarks/train_defaults.py --seeds 0,1,2 --policy v2     # the policy-change path
 """
 
 from __future__ import annotations
@@ -16,111 +20,136 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("fact_accuracy", "product_accuracy", "refusal_accuracy", "false_refusal_rate")
+SHORT = {
+    "fact_accuracy": "fact",
+    "product_accuracy": "product",
+    "refusal_accuracy": "refusal",
+    "false_refusal_rate": "false ref.",
+}
 
 
-def fact_accuracy(
-    model, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 48
-) -> float:
-    """Share of rows whose greedy answer contains every one of the row's facts."""
-    import torch
-
-    from components.prompt import format_prompt
-
-    model.eval()
-    tokenizer.padding_side = "left"  # generation continues from the end of every prompt
-    hits = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        enc = tokenizer([format_prompt(r["prompt"]) for r in chunk], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += sum(all(f in a for f in r["facts"]) for r, a in zip(chunk, answers, strict=True))
-    return hits / len(rows)
-
-
-def run_once(home: Path, seed: int) -> dict:
-    """One default training run on a fresh home, then the fact accuracy of the logged model."""
-    import mlflow
-
+def run_once(home: Path, seed: int, policy: str, rows: int) -> dict:
+    """One default training run on a fresh home, then the answer figures of the logged model."""
     from components.base_model import init_base
-    from components.data import generate_corpus, read_split, snapshot
+    from components.data import generate_corpus, load_corpus, read_split, snapshot
+    from components.evaluate import DEFAULT_GENERATION, answer_quality, refusal_facts
+    from components.predict import load
     from components.schemas import TrainParams
     from components.settings import Settings
     from components.train import train
 
     shutil.rmtree(home, ignore_errors=True)
     settings = Settings(home=home, _env_file=None)
+    started = time.perf_counter()
     init_base(settings.base_model_dir, seed=0)
-    ref = snapshot(generate_corpus(rows=2400, policy_version="v1", seed=0), settings.datasets_dir)
+    ref = snapshot(generate_corpus(rows=rows, policy_version=policy, seed=0), settings.datasets_dir)
+    prepared = time.perf_counter() - started
     params = TrainParams(seed=seed)
     started = time.perf_counter()
     result = train(ref, params, settings)
     seconds = time.perf_counter() - started
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    components = mlflow.transformers.load_model(result.model_uri, return_type="components")
-    model, tokenizer = components["model"], components["tokenizer"]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    spec = load_corpus()
+    predictor = load(result.model_uri, settings)
+    figures = {}
+    for split in ("eval", "holdout"):
+        split_rows = read_split(ref, split)
+        answers = [c.text for c in predictor.generate([r["prompt"] for r in split_rows], DEFAULT_GENERATION)]
+        figures[split] = answer_quality(split_rows, answers, spec.items, refusal_facts(spec))
     return {
         "seed": seed,
+        "policy": policy,
+        "base_and_data_seconds": prepared,
         "train_call_seconds": seconds,
         "steps": result.steps,
         "workers": params.workers,
         "metrics": result.metrics,
-        "fact_accuracy": {
-            s: fact_accuracy(model, tokenizer, read_split(ref, s)) for s in ("eval", "holdout")
-        },
+        "figures": figures,
     }
 
 
+def _fmt(value: float | None) -> str:
+    return "  -  " if value is None else f"{value:.3f}"
+
+
+def table(runs: list[dict], split: str = "holdout") -> str:
+    """Per seed and per intent figures of one split, as a plain-text table."""
+    lines = [f"{split}: " + " | ".join(f"{SHORT[m]:>9}" for m in METRICS)]
+    for run in runs:
+        f = run["figures"][split]
+        lines.append(f"seed {run['seed']:<4} " + " | ".join(f"{_fmt(f[m]):>9}" for m in METRICS))
+    mean = {m: [r["figures"][split][m] for r in runs if r["figures"][split][m] is not None] for m in METRICS}
+    lines.append(
+        "mean      " + " | ".join(f"{_fmt(statistics.fmean(v) if v else None):>9}" for m, v in mean.items())
+    )
+    intents = sorted({i for r in runs for i in r["figures"][split]["by_intent"]})
+    lines.append(f"per intent (mean over seeds), {split}:")
+    for intent in intents:
+        cells = []
+        for m in METRICS:
+            values = [r["figures"][split]["by_intent"][intent][m] for r in runs]
+            values = [v for v in values if v is not None]
+            cells.append(f"{_fmt(statistics.fmean(values) if values else None):>9}")
+        lines.append(f"  {intent:<14} " + " | ".join(cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """Run the default training for each seed; print and record time and fact accuracy."""
+    """Run the default training for each seed; print and record time and answer figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train_defaults.json")
+    parser.add_argument("--policy", default="v1", help="policy version of the corpus")
+    parser.add_argument("--rows", type=int, default=2400, help="corpus rows (the demo's default)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/train_defaults[_<policy>].json"
+    )
     args = parser.parse_args()
+    out = args.out or RESULTS / (
+        "train_defaults.json" if args.policy == "v1" else f"train_defaults_{args.policy}.json"
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from components.base_model import BaseModelSpec
     from components.schemas import TrainParams
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="fw-defaults-", dir="/tmp") as tmp:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            run = run_once(Path(tmp) / f"home{seed}", seed)
+            run = run_once(Path(tmp) / f"home{seed}", seed, args.policy, args.rows)
             runs.append(run)
-            acc = run["fact_accuracy"]
+            h = run["figures"]["holdout"]
             print(
-                f"seed {seed}: train() {run['train_call_seconds']:.0f} s, eval loss {run['metrics']['eval_loss']:.3f}"
-                f" (base {run['metrics']['base_eval_loss']:.2f}), fact accuracy eval {acc['eval']:.1%}"
-                f" holdout {acc['holdout']:.1%}",
+                f"seed {seed}: train() {run['train_call_seconds']:.0f} s, eval loss {run['metrics']['eval_loss']:.3f};"
+                f" holdout fact {h['fact_accuracy']:.3f} product {_fmt(h['product_accuracy'])}"
+                f" refusal {_fmt(h['refusal_accuracy'])} false refusals {_fmt(h['false_refusal_rate'])}",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(table(runs, "eval"))
+    print(table(runs, "holdout"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "train_defaults",
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "load_after": os.getloadavg(),
         },
+        "policy": args.policy,
+        "rows": args.rows,
+        "base_model": BaseModelSpec().model_dump(),
         "params": TrainParams().model_dump(mode="json"),
         "runs": runs,
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
