@@ -283,9 +283,10 @@ def correction_changes(
 ) -> dict[str, str]:
     """Which facts a correction changes: the value it states in place of the one the original stated.
 
-    Values are matched by shape (same unit: ``45 days`` replaces ``30 days``); facts that share a
-    shape (two prices) are paired by their order in the two texts. Facts without a number change
-    only to a value the policy table knows.
+    Values are matched by shape (same unit: ``45 days`` replaces ``30 days``). Facts that share a
+    shape (two prices) are paired in place when the correction keeps the original's wording;
+    otherwise a new value replaces the one fact the correction no longer states. Facts without a
+    number change only to a value the policy table knows.
 
     Args:
         original: the answer the user corrected.
@@ -314,12 +315,22 @@ def correction_changes(
         shape = re.compile(pattern)
         before = [m.group() for m in shape.finditer(original)]
         after = [m.group() for m in shape.finditer(correction)]
+        if len(keys) > 1 and shape.sub("#", original) != shape.sub("#", correction):
+            # Worded differently (answers state the same facts in different orders), so pairing
+            # by position could swap them: a new value replaces the one fact of the shape that the
+            # correction no longer states; anything less clear changes nothing.
+            values = {current[k] for k in keys}
+            new_values = list(dict.fromkeys(v for v in after if v not in values))
+            dropped = [k for k in keys if current[k] not in after]
+            if len(new_values) == 1 and len(dropped) == 1:
+                changes[dropped[0]] = new_values[0]
+            continue
         if len(before) == len(after):
             for old, new in zip(before, after, strict=True):
-                owners = [k for k in keys if current[k] == old] or (keys if len(keys) == 1 else [])
+                owners = [k for k in keys if current[k] == old] or keys
                 if old != new and len(owners) == 1 and new != current[owners[0]]:
                     changes[owners[0]] = new
-        elif len(keys) == 1 and current[keys[0]] not in after:
+        elif current[keys[0]] not in after:
             new_values = {v for v in after if v != current[keys[0]]}
             if len(new_values) == 1:
                 changes[keys[0]] = new_values.pop()
@@ -692,6 +703,15 @@ def _screen(item: _Item, policy: RetrainPolicy, current: dict, known: dict[str, 
         states_known = any(states_fact(item.correction, v) for k in facts for v in known.get(k, ()))
         if item.changes and not states_known:
             item.hold("quarantine", "contradicts every known fact of the intent: " + _describe(item.changes))
+        # A training answer states every fact of its intent: a correction that drops one (or puts a
+        # value no policy knows in its place) would teach the model to leave it out.
+        dropped = [
+            k
+            for k in facts
+            if k not in item.changes and not any(states_fact(item.correction, v) for v in known.get(k, ()))
+        ]
+        if dropped:
+            item.hold("quarantine", f"states no known value of {', '.join(dropped)}")
 
 
 def _quarantine_repeats(items: Sequence[_Item], policy: RetrainPolicy) -> None:

@@ -338,3 +338,46 @@ def test_unmatched_feedback_and_held_out_prompts_are_not_trained(store, users, p
     )
     result = _build(store, parent, tmp_path)
     assert result.counts.held_out == 1 and result.counts.unmatched == 1 and result.counts.used == 0
+
+
+@pytest.mark.parametrize(
+    ("original", "correction", "expected"),
+    [
+        # The answers word the two prices in different orders: the fee must not take the new threshold.
+        (
+            "Standard shipping costs $4.99, and it is free for orders over $50.",
+            "Shipping is free on orders over $35; below that standard shipping costs $4.99.",
+            {"free_shipping_over": "$35"},
+        ),
+        (
+            "Orders over $50 ship free.",
+            "Orders over $35 ship free. Otherwise it ships for $4.99.",
+            {"free_shipping_over": "$35"},
+        ),
+        # Restating the current facts changes nothing; two new prices at once are too unclear to apply.
+        ("Shipping costs $4.99.", "Free over $50; otherwise standard shipping costs $4.99.", {}),
+        ("Shipping costs $4.99.", "Free over $35; otherwise standard shipping costs $5.99.", {}),
+    ],
+)
+def test_prices_sharing_a_shape_are_paired_by_what_the_correction_drops(original, correction, expected):
+    from components.feedback import correction_changes
+
+    current = {"free_shipping_over": "$50", "standard_fee": "$4.99"}
+    assert correction_changes(original, correction, current, {}) == expected
+
+
+def test_a_correction_that_drops_a_fact_is_quarantined_not_trained_on(store, users, parent, tmp_path):
+    """A hostile correction swaps one fact for nonsense and keeps the other: it changes no fact,
+    yet training on it would teach an answer without the free-shipping threshold."""
+    answer = V1_SHIP_FEE.format(item="kettle")
+    users.rate(
+        "mallory",
+        "Do I have to pay for shipping on the kettle?",
+        answer,
+        -1,
+        answer.replace("$50", "365 days"),
+    )
+    result = _build(store, parent, tmp_path)
+    assert result.counts.quarantined == 1 and result.counts.used == 0 and not result.facts_changed
+    assert not any("365 days" in r["response"] for r in _rows(result.dataset))
+    assert any("free_shipping_over" in r["reasons"][0] for r in _review(result)), _review(result)
