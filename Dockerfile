@@ -4,7 +4,7 @@
 # One image runs every flywheel process: Ray head/workers (serving and training), the MLflow
 # server and the Airflow components (the Helm chart and infra/docker-compose.yaml use it).
 #
-#   docker build -t flywheel:0.1.0 .                                  # CPU
+#   docker build -t flywheel:0.1.0 --build-arg CODE_VERSION=$(git rev-parse HEAD) .   # CPU
 #   docker build -t flywheel:0.1.0-gpu --build-arg VARIANT=gpu .      # CUDA build of torch
 #
 # The GPU variant keeps the slim base: CUDA wheels of torch carry their own CUDA libraries, so
@@ -19,6 +19,9 @@ ARG VARIANT=cpu
 ARG TORCH_INDEX_URL=""
 # Packages to add beyond the project and its `k8s` extra (MLflow basic-auth, boto3 for S3).
 ARG EXTRA_PACKAGES=""
+# The commit this image is built from (e.g. --build-arg CODE_VERSION=$(git rev-parse HEAD)):
+# recorded on every model version the image trains.
+ARG CODE_VERSION=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -55,6 +58,7 @@ RUN groupadd --gid 1000 flywheel \
     && chown flywheel:flywheel /var/lib/flywheel /opt/airflow
 
 ENV FLYWHEEL_HOME=/var/lib/flywheel \
+    FLYWHEEL_CODE_VERSION=${CODE_VERSION} \
     FLYWHEEL_DAGS_FOLDER=/opt/flywheel/dags \
     AIRFLOW_HOME=/opt/airflow \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/flywheel/dags \

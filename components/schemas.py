@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
-from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 SPLITS = ("train", "eval", "holdout")
-PolicyVersion = Literal["v1", "v2"]
-POLICY_VERSIONS: tuple[str, ...] = ("v1", "v2")
-
-
-class Intent(StrEnum):
-    """Customer-support intents the corpus covers."""
-
-    returns = "returns"
-    refunds = "refunds"
-    shipping_time = "shipping_time"
-    shipping_fee = "shipping_fee"
-    order_status = "order_status"
-    warranty = "warranty"
-    account = "account"
-    cancellation = "cancellation"
-    payment = "payment"
-    exchange = "exchange"
+# A policy version named in the corpus data (components/corpus/policies.yaml); the data
+# validation's known_policy_version checks it against that table.
+PolicyVersion = Annotated[str, Field(min_length=1)]
 
 
 class _Record(BaseModel):
@@ -38,7 +24,7 @@ class SFTRow(_Record):
     id: str = Field(min_length=1)
     prompt: str = Field(min_length=1)
     response: str = Field(min_length=1)
-    intent: Intent
+    intent: str = Field(min_length=1, description="An intent of the corpus data (checked by validation).")
     policy_version: PolicyVersion
     facts: list[str] = Field(description="Exact fact strings the response must contain.")
     source: str = Field(description="Where the row came from: corpus/<intent>/<template> or feedback:<id>.")
@@ -98,12 +84,14 @@ class TrainParams(_Record):
     """Hyper-parameters and scaling of one fine-tuning run."""
 
     base_model: str | None = Field(None, description="Path or HF id; None: the settings' base model.")
-    max_steps: int = Field(300, ge=1)
+    # Sized for 2 CPU cores by benchmarks/sweep.py (chosen on the eval split): more steps at a
+    # higher learning rate is what teaches the small model to copy the asked product's name.
+    max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1, description="Per-worker micro-batch size.")
     grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(3e-3, gt=0, le=1)
+    learning_rate: float = Field(6e-3, gt=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None: no clipping.")
     max_seq_len: int = Field(256, ge=16, le=8192)
     workers: int = Field(2, ge=1, le=256)
@@ -114,9 +102,9 @@ class TrainParams(_Record):
     bf16: bool = Field(True, description="bf16 autocast when training on GPU.")
     compile: bool = Field(False, description="torch.compile the model (GPU).")
     lora: LoraParams | None = None
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0)
-    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end.")
+    eval_every: int = Field(250, ge=0, description="0: evaluate only at the end.")
     eval_examples: int = Field(256, ge=1, description="Eval-split rows scored for eval loss (evenly spread).")
     seed: int = 0
 
@@ -134,6 +122,9 @@ class TrainResult(_Record):
     params_hash: str
     steps: int
     metrics: dict[str, float] = Field(default_factory=dict)
+    reused: bool = Field(
+        False, description="True: an earlier finished run with the same params and data, returned as it was."
+    )
 
 
 class GenerationCaps(_Record):
@@ -165,6 +156,15 @@ class GenerationParams(_Record):
         )
 
 
+class Completion(_Record):
+    """One generated answer and what an OpenAI-compatible ``usage`` field needs."""
+
+    text: str
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: Literal["stop", "length"]
+
+
 class ModelScores(_Record):
     """Scores of one model on one evaluation set."""
 
@@ -174,6 +174,18 @@ class ModelScores(_Record):
     perplexity: float
     fact_accuracy: float = Field(ge=0, le=1, description="Share of answers that state every required fact.")
     fact_accuracy_by_split: dict[str, float] = Field(default_factory=dict)
+    product_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Share of answers that name the product their question asked about."
+    )
+    refusal_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Share of out-of-scope prompts answered with the refusal."
+    )
+    false_refusal_rate: float | None = Field(
+        None, ge=0, le=1, description="Share of in-scope prompts answered with the refusal."
+    )
+    by_intent: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per intent: fact/product/refusal figures and n (rows)."
+    )
     rouge_l: float = Field(ge=0, le=1)
     chrf: float = Field(ge=0, le=100)
     behavioural_pass_rate: float = Field(ge=0, le=1, description="Mean of the per-check pass rates.")
@@ -217,7 +229,7 @@ class MetricThreshold(_Record):
 
 GATE_METRICS: tuple[str, ...] = (
     "eval_loss", "perplexity", "fact_accuracy", "rouge_l", "chrf", "behavioural_pass_rate",
-    "replay_fact_accuracy", "latency_ms_p50",
+    "replay_fact_accuracy", "latency_ms_p50", "product_accuracy", "refusal_accuracy", "false_refusal_rate",
 )  # fmt: skip
 
 
@@ -228,6 +240,19 @@ class PromotionGate(_Record):
     # Behavioural = mean of invariance and (on changed-policy data) directional, which tracks fact
     # accuracy; the default tiny model reaches ~0.8 on v1 and ~0.67 right after a policy change.
     min_behavioural_pass_rate: float = Field(0.6, ge=0, le=1)
+    # Answer-quality floors, checked when the report measured them. Product names and refusals are
+    # shares of right answers like fact accuracy, so by default they hold its floor (a lax gate
+    # stays lax). The default model measures ~0.7 on both and ~0.05 false refusals on holdout
+    # (benchmarks/results/train_defaults.json): these defaults sit below that, conservatively.
+    min_product_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Floor on product-name accuracy; None: min_fact_accuracy."
+    )
+    min_refusal_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Floor on refusals of out-of-scope prompts; None: min_fact_accuracy."
+    )
+    max_false_refusal_rate: float | None = Field(
+        0.1, ge=0, le=1, description="Most in-scope prompts that may get the refusal; None: not checked."
+    )
     max_eval_loss: float | None = Field(None, gt=0)
     regressions: dict[str, MetricThreshold] = Field(
         default_factory=lambda: {
@@ -260,16 +285,39 @@ class PromotionDecision(_Record):
 
 
 class Prediction(_Record):
-    """One served completion, as written to the predictions log."""
+    """One served completion, as written to the predictions log.
 
-    request_id: str
-    model_name: str
-    model_version: str
-    prompt_sha256: str
+    The log is the access-controlled system of record, so it keeps the prompt as received;
+    redaction happens in the feedback builder, and nothing may pass prompts to ``logging``.
+    """
+
+    request_id: str = Field(min_length=1, max_length=128)
+    model_name: str = Field(min_length=1, max_length=256)
+    model_version: str = Field(min_length=1, max_length=64)
+    prompt: str = Field(description="The prompt as received (chat: the rendered conversation).")
+    prompt_sha256: str = Field(
+        "", pattern=r"^([0-9a-f]{64})?$", description="sha256 of the UTF-8 prompt; filled in when omitted."
+    )
+    response: str
     params: GenerationParams
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: Literal["stop", "length"]
     latency_ms: float = Field(ge=0)
     cached: bool
-    created_at: datetime
+    api_key_id: str | None = Field(None, max_length=64, description="Id of the API key that asked.")
+    created_at: AwareDatetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_prompt_sha256(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("prompt"), str):
+            digest = hashlib.sha256(data["prompt"].encode()).hexdigest()
+            if not data.get("prompt_sha256"):
+                data = {**data, "prompt_sha256": digest}
+            elif data["prompt_sha256"] != digest:
+                raise ValueError("prompt_sha256 does not match the prompt")
+        return data
 
 
 class FeedbackEvent(_Record):
@@ -280,8 +328,12 @@ class FeedbackEvent(_Record):
     rating: Literal[-1, 1]
     correction: str | None = Field(None, max_length=4000)
     comment: str | None = Field(None, max_length=4000)
-    user_id: str = Field(min_length=1, max_length=128, description="User or API-key id.")
-    created_at: datetime
+    user_id: str = Field(
+        min_length=1,
+        max_length=128,
+        description="Id of the API key that sent it: set by the server, never the client.",
+    )
+    created_at: AwareDatetime = Field(description="When the server received it.")
 
     @model_validator(mode="after")
     def _correction_not_blank(self) -> FeedbackEvent:
