@@ -11,7 +11,7 @@ with small params, waits for it, and reads each task's times from the Airflow me
 A task's *gap* is the time from the end of its last upstream task to its own start: what the
 scheduler and executor add. It splits into upstream end → ``scheduled_dttm`` (the scheduler
 noticed), → ``queued_dttm`` (handed to the executor), → ``start_date`` (the task process runs).
-Goal (issue 10): gap p50 ≤ 2 s; Airflow's typical gap is 4–6 s.
+Goal: gap p50 ≤ 2 s; Airflow's typical gap is 4–6 s.
 
 A task's ``duration`` holds Airflow's start-up too: ``startup_s`` is its start → "Worker startup
 parse complete" in the task log (the start call to the Execution API, the DAG file parsed again);
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "use_ray": args.use_ray,
             "workers": 1,
         },
-        "goal": "gap p50 <= 2 s (issue 10)",
+        "goal": "gap p50 <= 2 s",
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ Ingress modes (Ray 2.60):
   optimized  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: direct ingress, gRPC between deployments,
              user code and router on the replica's main loop, buffered request-path logs.
 
-Goals (issue 9), judged on p50 per mode: cache hit <= 1.3x the no-op endpoint and >= 50x faster
+Goals, judged on p50 per mode: cache hit <= 1.3x the no-op endpoint and >= 50x faster
 than a miss; bypass overhead over bare generate <= no-op endpoint + 2 ms; requests/s at
 concurrency 16 >= 4x concurrency 1. Prints a table and writes ``results/serving.json`` (with the
 date, the machine and its load average: on a shared 2-core box the load moves every number).

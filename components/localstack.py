@@ -774,6 +774,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     settings.airflow_home.mkdir(parents=True, exist_ok=True)
     return {
         "AIRFLOW_HOME": str(settings.airflow_home),
+        # The home's own metadata DB, whatever the caller's environment names.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{settings.airflow_home / 'airflow.db'}",
         "AIRFLOW__CORE__DAGS_FOLDER": str(settings.dags_path),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         # The default (32) starts 32 worker processes, about 1 GB.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger("serving")
 
-_MAX_RAY_TEMP_DIR = 60  # Ray's socket paths under the temp dir must stay under 107 bytes
+_MAX_RAY_TEMP_DIR = 40  # Ray puts ~65 bytes of socket path under it; AF_UNIX allows 107
 _RAY_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
 
 

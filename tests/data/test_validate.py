@@ -340,7 +340,7 @@ def test_an_empty_split_fails_min_rows(seed_ref, settings, tokenizer, rows):
     assert validate(seed_ref, rows, relaxed, tokenizer).success
 
 
-# Files as a user has them (issue 8.5) -------------------------------------------------------
+# Files as a user has them -------------------------------------------------------
 
 
 def test_an_empty_dataset_file_is_rejected(tmp_path, settings, tokenizer):

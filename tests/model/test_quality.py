@@ -1,4 +1,4 @@
-"""Answer quality (issue 11): product names, refusals, the gate's floors on them, and the sweep's runs."""
+"""Answer quality: product names, refusals, the gate's floors on them, and the sweep's runs."""
 
 from __future__ import annotations
 

@@ -147,6 +147,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, seed_
     from serving.app import ServeArgs, build_app
 
     port = free_port()
+    if ray.is_initialized():  # the model tests' session-wide Ray is still up: Serve gets its own
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(ray_temp_dir(home)))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -142,7 +142,7 @@ def test_open_dataset_errors_are_named(tmp_path):
         open_dataset(str(bad), tmp_path)
 
 
-# The corpus as data (issue 7.4) -------------------------------------------------------------
+# The corpus as data -------------------------------------------------------------
 
 
 def _corpus_copy(tmp_path: Path) -> Path:
@@ -297,7 +297,7 @@ def test_corpus_file_that_is_not_yaml_is_named(tmp_path):
         data.load_corpus(folder)
 
 
-# Paths and missing files (issue 8.1) --------------------------------------------------------
+# Paths and missing files --------------------------------------------------------
 
 
 @pytest.mark.parametrize("folder", ["my home", "maison é", "100% data"])
@@ -360,7 +360,7 @@ def test_latest_snapshot_is_the_newest_by_created_at(tmp_path, corpus):
     assert data.latest_snapshot(tmp_path) == second
 
 
-# Odd files (issue 8.5) -----------------------------------------------------------------------
+# Odd files -----------------------------------------------------------------------
 
 
 def _lines(rows) -> list[str]:
@@ -410,7 +410,7 @@ def test_a_lone_surrogate_survives_a_snapshot_as_valid_utf8(tmp_path, corpus):
     assert open_dataset(ref.sha256, tmp_path)[0] == ref
 
 
-# Composition, products and refusals (issue 11) -----------------------------------------------
+# Composition, products and refusals -----------------------------------------------
 
 
 def test_no_frame_is_shared_across_splits(corpus):
