@@ -147,10 +147,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, seed_
     from serving.app import ServeArgs, build_app
 
     port = free_port()
-    if ray.is_initialized():  # the model tests' session-wide Ray is still up: Serve gets its own
-        ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(ray_temp_dir(home)))
-    try:
+    try:  # from here on the throwaway redis-server is ours to stop, whatever fails
+        if ray.is_initialized():  # the model tests' session-wide Ray is still up: Serve gets its own
+            ray.shutdown()
+        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(ray_temp_dir(home)))
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         common = dict(model_name=MODEL_NAME, max_batch_size=4, max_ongoing_requests=4, num_replicas=1)
         serve.run(build_app(ServeArgs(**common, settings=overrides)), name="flywheel", route_prefix="/")
@@ -170,7 +170,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, seed_
         yield Served(url, f"{url}/flaky", settings, overrides, versions, flaky, flaky_port)
     finally:
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
             if flaky.poll() is None:
