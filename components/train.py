@@ -864,7 +864,7 @@ def _start_local_ray(settings: Settings, workers: int, owner: _Owner | None) -> 
     # Local Ray: no token auth (it would write ~/.ray/auth_token), no dashboard.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cores = os.cpu_count() or 1
-    temp_dir = _ray_temp_dir(settings)
+    temp_dir = ray_temp_dir(settings)
     ray.init(
         num_cpus=max(cores, workers),  # oversubscribe rather than hang when workers > cores
         include_dashboard=False,
@@ -881,7 +881,7 @@ def _start_local_ray(settings: Settings, workers: int, owner: _Owner | None) -> 
     return watchdog
 
 
-def _ray_temp_dir(settings: Settings) -> Path:
+def ray_temp_dir(settings: Settings) -> Path:
     """``settings.ray_dir``, or a short stand-in under /tmp when Ray cannot use that path.
 
     Ray's Unix socket paths live under the temp dir and must stay under 107 bytes, so a deep

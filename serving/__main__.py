@@ -9,10 +9,8 @@ Serve down (replicas write their buffered prediction log), then Ray and the embe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -20,17 +18,13 @@ from pathlib import Path
 
 log = logging.getLogger("serving")
 
-_MAX_RAY_TEMP_DIR = 40  # Ray puts ~65 bytes of socket path under it; AF_UNIX allows 107
-_RAY_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
-
 
 def ray_temp_dir(home: Path) -> Path:
-    """``home/ray``, or a short folder under /tmp named after it when Ray cannot use that path."""
-    wanted = home / "ray"
-    if len(str(wanted)) > _MAX_RAY_TEMP_DIR or not _RAY_SAFE_PATH.match(str(wanted)):
-        wanted = Path("/tmp") / f"flywheel-ray-{hashlib.sha256(str(wanted).encode()).hexdigest()[:10]}"
-    wanted.mkdir(parents=True, exist_ok=True)
-    return wanted
+    """The Ray temp dir of a home: the same short, ASCII-safe folder that training uses."""
+    from components.settings import Settings
+    from components.train import ray_temp_dir as for_settings
+
+    return for_settings(Settings(home=home))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
