@@ -514,7 +514,10 @@ def demo_cmd(
     ctx: typer.Context,
     workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP) of each training run.")] = 2,
     max_steps: Annotated[
-        int | None, typer.Option(min=1, help="Optimizer steps (default: TrainParams).")
+        int | None,
+        typer.Option(
+            min=1, help="Optimizer steps of the first training (the retrain uses the retrain policy's)."
+        ),
     ] = None,
     users: Annotated[int, typer.Option(min=3, help="Simulated users (one API key each).")] = 6,
     questions: Annotated[int, typer.Option(min=4, help="Questions each user asks.")] = 16,

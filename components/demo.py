@@ -54,7 +54,9 @@ class DemoOptions(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     workers: int = Field(2, ge=1, description="Ray Train workers of each training run.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; None: TrainParams' default.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps of the first training; None: TrainParams' default."
+    )
     use_ray: bool = True
     users: int = Field(6, ge=3, description="Simulated users, each with an API key of their own.")
     questions: int = Field(16, ge=4, description="Questions each user asks.")
@@ -118,11 +120,12 @@ def run(settings: Settings, options: DemoOptions, on_stage: StageFn | None = Non
     """
     from components import pipeline
     from components.data import load_corpus
+    from components.feedback import RetrainPolicy
 
     clock = _Stages(on_stage)
     started = time.monotonic()
     spec = load_corpus(settings.corpus_dir)
-    changed = _changed_intents(spec)
+    changed = changed_intents(spec)
     settings.ensure_home()
     logs = settings.home / "demo" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,13 @@ def run(settings: Settings, options: DemoOptions, on_stage: StageFn | None = Non
                 airflow.run_dag("feedback_loop", {"policy": _demo_retrain_policy()}, "feedback-loop")
                 build = _latest_build(settings)
             with clock("train v2"):
-                conf = {**train_conf, "dataset": build.dataset.sha256}
+                retrain = RetrainPolicy(**_demo_retrain_policy())  # fine-tune the champion further
+                conf = {
+                    **train_conf,
+                    "dataset": build.dataset.sha256,
+                    "init_from": retrain.continue_from,
+                    "train": retrain.retrain,
+                }
                 if build.replay is not None:
                     conf["replay"] = build.replay.uri
                 airflow.run_dag("training_pipeline", conf, "training-2")
@@ -385,7 +394,7 @@ def _wait_for_version(http: httpx.Client, version: str, timeout_s: float = 120) 
 # Users and measurements --------------------------------------------------------------------
 
 
-def _changed_intents(spec: Any) -> set[str]:
+def changed_intents(spec: Any) -> set[str]:
     """Intents with a fact that differs between the base policy and the new one."""
     old, new = spec.policies[BASE_POLICY], spec.policies[NEW_POLICY]
     return {name for name, intent in spec.intents.items() if any(old[k] != new[k] for k in intent.facts)}

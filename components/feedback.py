@@ -27,7 +27,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,6 +52,11 @@ class _Record(BaseModel):
 
 
 # The policy as data ------------------------------------------------------------------------
+
+
+# Continual fine-tuning of the champion on the merged data: what it knows stays, the changed
+# facts are learned (chosen on held-out paraphrases by benchmarks/retrain.py).
+RETRAIN_FIELDS: dict[str, Any] = {"max_steps": 300, "learning_rate": 2e-3, "warmup_steps": 20}
 
 
 class RetrainPolicy(_Record):
@@ -99,6 +104,15 @@ class RetrainPolicy(_Record):
     max_correction_chars: int = Field(400, ge=1)
     min_intent_similarity: float = Field(
         0.5, ge=0, le=1, description="A prompt less similar than this to every corpus question has no intent."
+    )
+    # How the retrain trains (training_pipeline reads both from the dataset asset's event).
+    continue_from: str | None = Field(
+        "champion",
+        description="Registry alias the retrain fine-tunes further on the merged data; None: the base model.",
+    )
+    retrain: dict[str, Any] = Field(
+        default_factory=lambda: dict(RETRAIN_FIELDS),
+        description="TrainParams fields of the retrain: continual fine-tuning takes fewer steps at a lower rate.",
     )
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
@@ -166,6 +167,7 @@ def train_and_register(
     validation: ValidationReport | None = None,
     progress: ProgressFn | None = None,
     on_log: Callable[[str], None] | None = None,
+    init_from: str | None = None,
 ) -> TrainOutcome:
     """Fine-tune on a dataset and register the model as ``challenger``; a transaction.
 
@@ -182,6 +184,10 @@ def train_and_register(
         validation: the dataset's validation report, shown on the model card.
         progress: called with ``{"step", "loss", "max_steps"}`` as training advances.
         on_log: receives a remote job's log lines.
+        init_from: a registry reference (``champion``, ``3``) to fine-tune further instead of
+            the base model: continual training keeps what that model knows and learns the new
+            data (``params.base_model`` is set to its exported folder). None, or a reference
+            that names no version yet: ``params.base_model`` as it is.
 
     Returns:
         The training result and the registered version.
@@ -192,6 +198,8 @@ def train_and_register(
     from components.train import train
 
     ref = resolve_dataset(settings, dataset)
+    if init_from is not None and (start := export_model(settings, init_from)) is not None:
+        params = params.model_copy(update={"base_model": str(start)})
     if jobs.is_jobs_address(settings.ray_address):
         result = jobs.submit_train(ref, params, settings, use_ray=use_ray, on_log=on_log)
     else:
@@ -200,6 +208,45 @@ def train_and_register(
         result = train(ref, params, settings, progress=progress, use_ray=use_ray)
     version = register(result, settings, validation=validation)
     return TrainOutcome(result=result, version=version)
+
+
+def export_model(settings: Settings, ref: str = "champion") -> Path | None:
+    """A registered version as a Hugging Face folder (weights and tokenizer) to train from.
+
+    The folder is ``<home>/models/exports/<name>-v<version>``, written once (atomically) and
+    reused: a retried task, and the params hash of its run, see the same path.
+
+    Returns:
+        The folder, or None when ``ref`` names no version (no champion yet).
+    """
+    import shutil
+    import tempfile
+
+    from components.predict import load_pretrained
+    from components.registry import ModelNotFound, resolve
+
+    try:
+        info = resolve(ref, settings)
+    except ModelNotFound:
+        log.info("no %s to fine-tune: training from the base model", ref)
+        return None
+    out = settings.models_dir / "exports" / f"{settings.model_name}-v{info.version}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_pretrained(info.model_uri, settings)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+    finally:  # gone after a rename; a leftover when another process exported it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (version %s) to %s", ref, info.version, out)
+    return out
 
 
 # Evaluation and promotion ------------------------------------------------------------------

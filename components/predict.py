@@ -94,6 +94,11 @@ def load(
     return Predictor(model, tokenizer, uri=uri, version=version, name=name, batch_size=batch_size)
 
 
+def load_pretrained(uri_or_path: str, settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer :func:`load` would wrap, on the CPU, to save or train further."""
+    return _load(resolve_model(uri_or_path, settings)[0], settings)
+
+
 class Predictor:
     """A loaded causal LM that answers prompts through the one prompt template."""
 

@@ -5,7 +5,8 @@ On a schedule (``FLYWHEEL_FEEDBACK_INTERVAL_MINUTES``, default 15). When the ret
 ``decide`` is skipped with its reasons and the watermark stays, so the rows wait for the next
 run. When it fires, the builder merges the rows into a new snapshot, the data suite validates
 it, ``publish`` updates the SFT dataset asset (which starts ``training_pipeline``; the event's
-``extra`` names the snapshot and the replay set), and only then ``commit`` advances the durable
+``extra`` names the snapshot, the replay set and how to train: the retrain policy's
+``continue_from`` and ``retrain`` fields), and only then ``commit`` advances the durable
 watermark (compare-and-set): a run that fails anywhere before skips no feedback.
 """
 
@@ -103,6 +104,9 @@ def feedback_loop() -> None:
             "replay_uri": replay.get("uri"),
             "feedback_rows": built["counts"]["used"],
             "validated": report["success"],
+            # How training_pipeline trains on it: the champion fine-tuned further, by default.
+            "init_from": _policy().continue_from,
+            "train": _policy().retrain,
         }
         get_current_context()["outlet_events"][SFT_DATASET].extra = extra
         return extra

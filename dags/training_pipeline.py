@@ -1,7 +1,8 @@
 """training_pipeline: snapshot → validate → train → evaluate → promote → deploy.
 
 Runs when the SFT dataset asset is updated (the feedback loop does that; the event's ``extra``
-names the snapshot and its replay set), or by hand with params. Wiring only: each task builds
+names the snapshot, its replay set, the model to fine-tune further and its training fields), or
+by hand with params. Wiring only: each task builds
 ``Settings`` and calls one ``components.pipeline`` step; records travel as small JSON dicts.
 
 Endings: a dataset that fails validation fails ``validate`` (one ERROR line, no retry, nothing
@@ -49,7 +50,16 @@ def _settings():
         "workers": Param(_TRAIN.workers, type="integer", minimum=1),
         "batch_size": Param(_TRAIN.batch_size, type="integer", minimum=1),
         "use_ray": Param(True, type="boolean", description="Ray Train (False: the same loop in the task)."),
-        "train": Param({}, type="object", description="More TrainParams fields (e.g. learning_rate)."),
+        "init_from": Param(
+            None,
+            type=["null", "string"],
+            description="Registry alias or version to fine-tune further (e.g. champion); None: the base model.",
+        ),
+        "train": Param(
+            {},
+            type="object",
+            description="More TrainParams fields (e.g. learning_rate); they win over the above.",
+        ),
         "gate": Param({}, type="object", description="PromotionGate fields; {}: the defaults."),
         "max_examples": Param(200, type="integer", minimum=1, description="eval + holdout rows scored."),
     },
@@ -62,13 +72,21 @@ def training_pipeline() -> None:
         from components import pipeline
 
         context = get_current_context()
-        dataset, replay = context["params"]["dataset"], context["params"]["replay"]
+        p = context["params"]
+        dataset, replay, init_from, train = p["dataset"], p["replay"], p["init_from"], {}
         for events in (context.get("triggering_asset_events") or {}).values():
             for event in events:  # the newest event wins: it names the newest build
                 dataset = event.extra.get("sha256") or dataset
                 replay = event.extra.get("replay_uri") or replay
+                init_from = event.extra.get("init_from", init_from)
+                train = event.extra.get("train") or train
         ref = pipeline.resolve_dataset(_settings(), dataset)
-        return {"dataset": ref.model_dump(mode="json"), "replay": replay}
+        return {
+            "dataset": ref.model_dump(mode="json"),
+            "replay": replay,
+            "init_from": init_from,
+            "train": train,
+        }
 
     @task(retries=0)
     def validate(snap: dict[str, Any]) -> dict[str, Any]:
@@ -94,20 +112,14 @@ def training_pipeline() -> None:
         from components.schemas import DatasetRef, ValidationReport
 
         p = get_current_context()["params"]
-        params = TrainParams(
-            **{
-                **p["train"],
-                "max_steps": p["max_steps"],
-                "workers": p["workers"],
-                "batch_size": p["batch_size"],
-            }
-        )
+        fields = {"max_steps": p["max_steps"], "workers": p["workers"], "batch_size": p["batch_size"]}
         outcome = pipeline.train_and_register(
             _settings(),
             DatasetRef.model_validate(snap["dataset"]),
-            params,
+            TrainParams(**{**fields, **p["train"], **snap.get("train", {})}),
             use_ray=p["use_ray"],
             validation=ValidationReport.model_validate(report),
+            init_from=snap.get("init_from"),
         )
         return outcome.model_dump(mode="json")
 

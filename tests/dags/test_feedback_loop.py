@@ -72,6 +72,7 @@ def _asset_events() -> list[dict]:
 def test_feedback_loop_skips_fails_then_publishes_without_losing_feedback(flywheel_env, monkeypatch):
     from components import pipeline
     from components.data import read_split
+    from components.feedback import RETRAIN_FIELDS
     from components.settings import Settings
 
     settings = Settings()
@@ -100,6 +101,8 @@ def test_feedback_loop_skips_fails_then_publishes_without_losing_feedback(flywhe
     [event] = _asset_events()[before:]
     assert event["sha256"] == built["dataset"]["sha256"] and event["parent"] == parent.sha256
     assert event["replay_uri"] == built["replay"]["uri"]
+    # How to train on it: the champion fine-tuned further with the retrain policy's fields.
+    assert event["init_from"] == "champion" and event["train"] == RETRAIN_FIELDS
     # The up-rated answer states the replaced 30 days: held for review, not trained on.
     assert sorted(built["dataset"]["feedback_ids"]) == sorted(ids[:3]) and built["counts"]["review"] == 1
     assert [(c["fact"], c["new"]) for c in built["facts_changed"]] == [("return_window", "45 days")]

@@ -35,6 +35,8 @@ def seeded(flywheel_env):
 
 
 def test_rejected_then_promoted_with_one_version(seeded):
+    from mlflow import MlflowClient
+
     from components.registry import list_models, resolve
 
     settings, ref = seeded
@@ -56,6 +58,17 @@ def test_rejected_then_promoted_with_one_version(seeded):
     assert [v.version for v in versions] == ["1"] and "champion" in versions[0].aliases
     deployed = promoted.get_task_instance("deploy").xcom_pull(task_ids="deploy")
     assert deployed == {"version": "1", "reloaded": False, "detail": "nothing serves"}
+
+    # Fine-tuning the champion further (what a feedback retrain does): the champion, exported
+    # as a model folder, is the new run's base model; a new run and version result.
+    further = dag.test(run_conf={**TINY, "dataset": ref.sha256, "gate": LAX_GATE, "init_from": "champion"})
+    assert task_states(further)["train"] == "success"
+    trained = further.get_task_instance("train").xcom_pull(task_ids="train")
+    assert trained["version"] == "2"
+    export = settings.models_dir / "exports" / f"{settings.model_name}-v1"
+    assert (export / "config.json").exists() and (export / "tokenizer.json").exists()
+    client = MlflowClient(settings.tracking_uri)
+    assert client.get_run(trained["result"]["run_id"]).data.params["base_model"] == str(export)
 
 
 def test_rejected_dataset_fails_validate_and_trains_nothing(seeded, monkeypatch):
