@@ -83,3 +83,52 @@ def seed_ref(tmp_path_factory: pytest.TempPathFactory, corpus):
     from components.data import snapshot
 
     return snapshot(corpus, tmp_path_factory.mktemp("datasets"))
+
+
+# Measured figures ---------------------------------------------------------------------------
+# Reliability and security tests record what they measured; the figures are printed at the end
+# of the run and, with FLYWHEEL_FIGURES set to a file, appended there as JSON lines
+# (benchmarks/reliability.py collects them into benchmarks/results/reliability.json).
+
+FIGURES_ENV = "FLYWHEEL_FIGURES"
+_FIGURES: list[dict] = []
+
+
+class Figures:
+    """One test's measured figures: ``figures.record("failed requests", 0, goal="0", ok=True)``."""
+
+    def __init__(self, test: str) -> None:
+        self.test = test
+
+    def record(
+        self, name: str, value: float | int | str, *, unit: str = "", goal: str = "", ok: bool | None = None
+    ) -> None:
+        """Keep one figure; ``ok`` says whether it met its goal (None: no goal)."""
+        import json
+
+        if isinstance(value, float):
+            value = round(value, 4)
+        row = {"test": self.test, "name": name, "value": value, "unit": unit, "goal": goal, "ok": ok}
+        _FIGURES.append(row)
+        if path := os.environ.get(FIGURES_ENV):
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    """Record the figures this test measured (printed in the run's summary)."""
+    return Figures(request.node.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _FIGURES:
+        return
+    terminalreporter.section("measured figures")
+    for row in _FIGURES:
+        verdict = {True: "ok", False: "MISSED", None: ""}[row["ok"]]
+        goal = f"(goal {row['goal']})" if row["goal"] else ""
+        test = row["test"].split("::")[-1]
+        terminalreporter.write_line(
+            f"{test:<44} {row['name']:<40} {row['value']!s:>10} {row['unit']:<6} {goal} {verdict}".rstrip()
+        )
