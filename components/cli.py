@@ -331,6 +331,12 @@ def train_cmd(
     use_ray: Annotated[
         bool, typer.Option("--ray/--no-ray", help="Run on Ray Train, or the same loop in this process.")
     ] = True,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Fine-tune this registered model further (e.g. champion) instead of the base model."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate a dataset, fine-tune on it, log an MLflow run and register the model as challenger."""
@@ -368,6 +374,7 @@ def train_cmd(
             validation=report,
             progress=on_progress,
             on_log=lambda line: err.print(line, markup=False, highlight=False),
+            init_from=init_from,
         )
     result = trained.result
     payload = {"version": trained.version, **result.model_dump(mode="json")}

@@ -90,8 +90,10 @@ def test_a_worse_candidate_is_rejected_and_the_champion_stays(trained):
 def test_a_policy_change_trains_a_new_champion_and_rollback_restores_the_old(trained):
     home, _, _ = trained
     v2 = _ok(_run(home, "data", "seed", "--policy", "v2", "--json"))
-    candidate = _ok(_run(home, "train", "--workers", "2", "--json"))
-    assert candidate["dataset_sha256"] == v2["sha256"]
+    # The champion fine-tuned further on the new data, as the feedback loop retrains.
+    further = ["--init-from", "champion", "--params-json", '{"max_steps": 300, "learning_rate": 0.002}']
+    candidate = _ok(_run(home, "train", "--workers", "2", *further, "--json"))
+    assert candidate["dataset_sha256"] == v2["sha256"] and candidate["steps"] == 300
     # Scored on the new policy's data, the old champion states stale facts: the candidate wins.
     decision = _ok(_run(home, "promote", "--version", candidate["version"], "--json"))
     assert decision["promoted"] is True and decision["previous_champion"] == "1"

@@ -63,10 +63,9 @@ def test_the_new_champion_states_the_changed_facts_on_held_out_paraphrases(demo)
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     assert before["n_changed"] > 0 and after["n_changed"] == before["n_changed"]
     assert after["changed"] > before["changed"], (before, after)
-    # Untouched intents: the retrained model is trained from the base model again on the merged
-    # data, and on this machine it lost about 0.11 on them (0.64 -> 0.53 over 128 held-out
-    # paraphrases); this bound catches a collapse, not that loss (see the README's loop section).
-    assert after["untouched"] >= before["untouched"] - 0.15, (before, after)
+    # Untouched intents: the champion is fine-tuned further, so what it knew stays (the goal:
+    # at most 2 points lost over the held-out paraphrases of the intents the change left alone).
+    assert after["untouched"] >= before["untouched"] - 0.02, (before, after)
     assert any("return_window" in change for change in summary["facts_changed"])
 
 
