@@ -224,8 +224,8 @@ def data_seed(
     ctx: typer.Context,
     policy: Annotated[str, typer.Option(help="Policy version the answers state (v1, v2, …).")] = "v1",
     rows: Annotated[
-        int, typer.Option(min=120, help="Total rows across the train/eval/holdout splits.")
-    ] = 2400,
+        int, typer.Option(min=227, help="Total rows across the train/eval/holdout splits.")
+    ] = 7200,
     seed: Annotated[int | None, typer.Option(help="Generator seed (default: FLYWHEEL_SEED).")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ OUT_OF_SCOPE = "out_of_scope"
 # Names end up in row ids, sources (corpus/<intent>/tNN) and the ref's comma-joined versions.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Share of the rows (percent) that eval and holdout get each; train gets the rest.
+HELD_OUT_PERCENT = 15
 
 
 # The corpus data ---------------------------------------------------------------------------
@@ -61,12 +64,35 @@ class IntentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     facts: tuple[str, ...] = Field(min_length=1, description="Keys into the policy table.")
-    questions: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
-        min_length=3, description="Phrasing templates ({item} slot); at least one per split."
+    train: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        min_length=1, description="Phrasing templates ({item} slot) the model learns from."
+    )
+    eval: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        min_length=1, description="Wordings kept out of training, to choose settings by."
+    )
+    holdout: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        min_length=1, description="Wordings kept out of training and out of every choice."
     )
     answers: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         min_length=1, description="Answer templates over {item} and the policy's fact keys."
     )
+
+    @property
+    def questions(self) -> tuple[str, ...]:
+        """Every phrasing template: train, then eval, then holdout (a row's ``tNN`` indexes it)."""
+        return self.train + self.eval + self.holdout
+
+    def split_of(self, index: int) -> str:
+        """The split of the phrasing template at ``index`` of :attr:`questions`.
+
+        Raises:
+            ValueError: no template has that index.
+        """
+        if not 0 <= index < len(self.questions):
+            raise ValueError(f"template {index}: the intent has {len(self.questions)} templates")
+        if index < len(self.train):
+            return "train"
+        return "eval" if index < len(self.train) + len(self.eval) else "holdout"
 
 
 class NoiseSpec(BaseModel):
@@ -116,13 +142,15 @@ class CorpusSpec(BaseModel):
             unknown = [f for f in intent.facts if f not in keys]
             if unknown:
                 problems.append(f"{where}.facts: unknown fact key(s) {', '.join(unknown)}")
-            for n, question in enumerate(intent.questions):
-                problems += _template_problems(question, {"item"}, (), f"{where}.questions[{n}]")
-                # The same wording in two places would put one prompt in two splits (a leak).
-                key = question.strip().lower()
-                if key in seen:
-                    problems.append(f"{where}.questions[{n}]: duplicate of {seen[key]}")
-                seen.setdefault(key, f"{name}.questions[{n}]")
+            for split in SPLITS:
+                for n, question in enumerate(getattr(intent, split)):
+                    problems += _template_problems(question, {"item"}, (), f"{where}.{split}[{n}]")
+                    # The same wording in two places would put one prompt in two splits (a leak);
+                    # case and punctuation do not make a wording new (noise drops both).
+                    key = " ".join(re.findall(r"[\w{}'-]+", question.lower()))
+                    if key in seen:
+                        problems.append(f"{where}.{split}[{n}]: duplicate of {seen[key]}")
+                    seen.setdefault(key, f"{name}.{split}[{n}]")
             for n, answer in enumerate(intent.answers):
                 problems += _template_problems(answer, {"item", *keys}, intent.facts, f"{where}.answers[{n}]")
             # A question is answered only by answers that name its product exactly when it has one.
@@ -265,34 +293,54 @@ def intents(spec: CorpusSpec | None = None) -> tuple[str, ...]:
     return tuple((spec or load_corpus()).intents)
 
 
-def template_split(index: int, count: int) -> str:
-    """The split a phrasing template belongs to, by its position among its intent's templates.
+def split_rows(rows: int, spec: CorpusSpec | None = None) -> dict[str, int]:
+    """How many of ``rows`` each split gets: eval and holdout a fixed share each, train the rest.
 
-    The last ~1/6 of the templates go to holdout and the ~1/6 before them to eval (at least one
-    each), the rest to train: eval and holdout hold wordings the model never saw in training.
+    The held-out splits are measuring sets, so their size follows the row count, not how many
+    training wordings the corpus has; each needs a row for every one of its frames.
 
     Args:
-        index: the template's position (0-based).
-        count: how many templates the intent has (at least 3).
+        rows: total rows.
+        spec: the corpus data; None: the shipped one.
 
     Returns:
-        ``train``, ``eval`` or ``holdout``.
+        Rows by split.
+
+    Raises:
+        InvalidInput: eval or holdout would get fewer rows than it has phrasing templates.
     """
-    if count < 3 or not 0 <= index < count:
-        raise ValueError(f"template {index} of {count}: need 0 <= index < count and count >= 3")
-    held = max(1, round(count / 6))
-    if index >= count - held:
-        return "holdout"
-    return "eval" if index >= count - 2 * held else "train"
+    spec = spec or load_corpus()
+    if not _fits(_shares(rows), spec):
+        least = next(n for n in itertools.count(max(rows, 1)) if _fits(_shares(n), spec))
+        raise InvalidInput(
+            f"rows must be at least {least} (one per phrasing template of eval and holdout), got {rows}"
+        )
+    return _shares(rows)
+
+
+def _shares(rows: int) -> dict[str, int]:
+    held = {split: rows * HELD_OUT_PERCENT // 100 for split in SPLITS if split != "train"}
+    return {"train": rows - sum(held.values()), **held}
+
+
+def _fits(per_split: Mapping[str, int], spec: CorpusSpec) -> bool:
+    """Whether eval and holdout have at least one row per phrasing template of their own."""
+    return all(
+        per_split[split] >= sum(len(getattr(intent, split)) for intent in spec.intents.values())
+        for split in SPLITS
+        if split != "train"
+    )
 
 
 def generate_corpus(
-    rows: int = 2400, policy_version: str | None = None, seed: int = 0, spec: CorpusSpec | None = None
+    rows: int = 7200, policy_version: str | None = None, seed: int = 0, spec: CorpusSpec | None = None
 ) -> dict[str, list[SFTRow]]:
     """Generate the support corpus, deterministically for (rows, policy_version, seed, spec).
 
     Args:
-        rows: total rows across all splits (at least one per phrasing template).
+        rows: total rows across all splits; eval and holdout get a fixed share each
+            (:func:`split_rows`). Rows spread evenly over a split's templates; with fewer train
+            rows than train templates, over an evenly spaced subset of them.
         policy_version: which policy table the answers state; None: the first one.
         seed: seed of the slot filling.
         spec: the corpus data; None: the shipped one.
@@ -302,22 +350,27 @@ def generate_corpus(
 
     Raises:
         NotFound: an unknown policy version.
-        InvalidInput: fewer rows than phrasing templates.
+        InvalidInput: too few rows for one per phrasing template of eval and holdout.
     """
     spec = spec or load_corpus()
     policy_version = policy_version or policy_versions(spec)[0]
     policy = policy_facts(policy_version, spec)
     templates = [(name, t) for name, intent in spec.intents.items() for t in range(len(intent.questions))]
-    if rows < len(templates):
-        raise InvalidInput(f"rows must be at least {len(templates)} (one per phrasing template), got {rows}")
+    splits = [spec.intents[name].split_of(t) for name, t in templates]
+    per_split = split_rows(rows, spec)
     rng = random.Random(f"{seed}:{policy_version}")
-    per_template = [rows // len(templates) + (i < rows % len(templates)) for i in range(len(templates))]
-    splits = [template_split(t, len(spec.intents[name].questions)) for name, t in templates]
+    # Within a split, row r goes to its template r * n // total: an even spread over all n
+    # templates, or over an evenly spaced subset (every intent's) when there are fewer rows.
+    position = {split: [i for i, s in enumerate(splits) if s == split] for split in SPLITS}
+    per_template = [0] * len(templates)
+    for split, where in position.items():
+        for r in range(per_split[split]):
+            per_template[where[r * len(where) // per_split[split]]] += 1
     out: dict[str, list[SFTRow]] = {split: [] for split in SPLITS}
     # Every prompt is unique across the corpus (compared as the model's normalization would):
     # held-out frames are filled first, so noise can never turn a train prompt into one of theirs.
     taken: set[str] = set()
-    order = sorted(range(len(templates)), key=lambda i: splits[i] == "train")
+    order = sorted((i for i in range(len(templates)) if per_template[i]), key=lambda i: splits[i] == "train")
     filled: dict[int, list[SFTRow]] = {}
     for i in order:
         (name, t), count = templates[i], per_template[i]
@@ -354,7 +407,7 @@ def generate_corpus(
                 f"could not fill {count} unique rows for {name}/t{t:02d}: its slots allow fewer; "
                 "ask for fewer rows or add items, openers, closers, synonyms or noise"
             )
-    for i in range(len(templates)):  # rows in template order within each split
+    for i in sorted(filled):  # rows in template order within each split
         out[splits[i]].extend(filled[i])
     return out
 
@@ -434,13 +487,15 @@ def corpus_texts(seed: int = 0, spec: CorpusSpec | None = None) -> list[str]:
         spec: the corpus data; None: the shipped one.
 
     Returns:
-        Texts, four rows per phrasing template and policy version.
+        Texts, about four rows per phrasing template and policy version.
     """
     spec = spec or load_corpus()
     templates = sum(len(intent.questions) for intent in spec.intents.values())
+    # Four rows per template, or the least that gives eval and holdout one per template.
+    size = next(n for n in itertools.count(templates * 4) if _fits(_shares(n), spec))
     texts: list[str] = []
     for version in policy_versions(spec):
-        for rows in generate_corpus(templates * 4, version, seed, spec).values():
+        for rows in generate_corpus(size, version, seed, spec).values():
             texts.extend(t for r in rows for t in (r.prompt, r.response))
     return texts
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROWS = 2400
+DEFAULT_ROWS = 7200
 DEFAULT_MAX_EXAMPLES = 200
 
 ProgressFn = Callable[[dict], None]

@@ -71,10 +71,17 @@ def test_rows_are_unique_pairs_with_the_contract_columns(corpus):
     assert tuple(rows[0].model_dump()) == SFT_COLUMNS
 
 
-@pytest.mark.parametrize("rows", [0, 50])
+@pytest.mark.parametrize("rows", [0, 50, 200])
 def test_too_few_rows_is_a_clear_error(rows):
-    with pytest.raises(InvalidInput, match="at least 226"):
+    with pytest.raises(
+        InvalidInput, match=r"rows must be at least \d+ \(one per phrasing template of eval"
+    ) as caught:
         generate_corpus(rows=rows)
+    least = int(str(caught.value).split("at least ")[1].split()[0])
+    # The number it names is the least that fits: one row fewer does not.
+    assert sum(map(len, generate_corpus(rows=least).values())) == least
+    with pytest.raises(InvalidInput):
+        data.split_rows(least - 1)
 
 
 def test_unknown_policy_is_a_clear_error():
@@ -168,47 +175,62 @@ def test_the_shipped_data_is_the_corpus():
     assert data.intents() == tuple(spec.intents) and len(spec.intents) == 11
     assert data.OUT_OF_SCOPE in spec.intents
     assert data.policy_versions() == tuple(spec.policies) and data.policy_versions()[:2] == ("v1", "v2")
-    assert all(len(intent.questions) >= 20 for intent in spec.intents.values())
+    assert all(len(intent.train) >= 40 for intent in spec.intents.values())
+    assert all(len(intent.eval) >= 3 and len(intent.holdout) >= 3 for intent in spec.intents.values())
     assert len(spec.items) >= 100 and sum(" " in item for item in spec.items) >= 30
 
 
-@pytest.mark.parametrize(
-    ("count", "splits"),
-    [
-        (3, ["train", "eval", "holdout"]),
-        (7, ["train"] * 5 + ["eval", "holdout"]),
-        (12, ["train"] * 8 + ["eval"] * 2 + ["holdout"] * 2),
-        (18, ["train"] * 12 + ["eval"] * 3 + ["holdout"] * 3),
-    ],
-)
-def test_split_is_derived_from_the_number_of_templates(count, splits):
-    assert [data.template_split(t, count) for t in range(count)] == splits
+def test_a_frame_split_is_where_the_data_lists_it():
+    intent = data.load_corpus().intents["returns"]
+    assert intent.questions == intent.train + intent.eval + intent.holdout
+    splits = [intent.split_of(t) for t in range(len(intent.questions))]
+    assert splits == ["train"] * len(intent.train) + ["eval"] * len(intent.eval) + ["holdout"] * len(
+        intent.holdout
+    )
+    with pytest.raises(ValueError, match="template 99"):
+        intent.split_of(99)
+
+
+def test_held_out_splits_get_a_fixed_share_of_the_rows(corpus):
+    # Measuring sets keep their size however many training wordings the corpus has.
+    assert {s: len(rows) for s, rows in corpus.items()} == data.split_rows(2400)
+    assert data.split_rows(2400) == {"train": 1680, "eval": 360, "holdout": 360}
+    assert data.split_rows(4801) == {"train": 3361, "eval": 720, "holdout": 720}
+
+
+def test_train_frames_vary_the_syntax_and_words():
+    spec = data.load_corpus()
+    for name, intent in spec.intents.items():
+        # Statements and fragments as well as questions: no punctuation mark carries the intent.
+        assert sum(not q.rstrip().endswith("?") for q in intent.train) >= 5, name
+        first_words = {q.split()[0].lower() for q in intent.train}
+        assert len(first_words) >= 12, (name, sorted(first_words))
+    words = {w for q in spec.intents["returns"].train for w in q.lower().split()}
+    assert {"send", "back", "return"} <= words
 
 
 def test_any_number_of_templates_per_intent(tmp_path):
     folder = _corpus_copy(tmp_path)
 
     def reshape(doc):
-        doc["intents"]["returns"]["questions"] = doc["intents"]["returns"]["questions"][:7]
-        doc["intents"]["payment"]["questions"] += [
-            "Can I pay for a {item} in cash?",
-            "Do you take gift cards?",
-        ]
+        doc["intents"]["returns"]["train"] = doc["intents"]["returns"]["train"][:5]
+        doc["intents"]["payment"]["eval"] += ["Can I pay for a {item} in cash?", "Do you take gift cards?"]
 
     _edit(folder / "intents.yaml", reshape)
     spec = data.load_corpus(folder)
-    corpus = generate_corpus(rows=600, policy_version="v1", seed=0, spec=spec)
+    corpus = generate_corpus(rows=1200, policy_version="v1", seed=0, spec=spec)
 
     sources = {split: {r.source for r in rows} for split, rows in corpus.items()}
     returns = {split: sorted(s for s in found if "/returns/" in s) for split, found in sources.items()}
     assert returns == {
         "train": [f"corpus/returns/t{t:02d}" for t in range(5)],
-        "eval": ["corpus/returns/t05"],
-        "holdout": ["corpus/returns/t06"],
+        "eval": [f"corpus/returns/t{t:02d}" for t in range(5, 8)],
+        "holdout": [f"corpus/returns/t{t:02d}" for t in range(8, 11)],
     }
     payment = {split: len([s for s in found if "/payment/" in s]) for split, found in sources.items()}
-    assert payment == {"train": 14, "eval": 4, "holdout": 4}
-    assert sum(map(len, corpus.values())) == 600
+    assert payment == {s: len(getattr(spec.intents["payment"], s)) for s in SPLITS}
+    assert payment["eval"] == len(data.load_corpus().intents["payment"].eval) + 2
+    assert sum(map(len, corpus.values())) == 1200
 
 
 def test_a_third_policy_version_is_a_data_change(tmp_path):
@@ -244,18 +266,25 @@ def test_a_third_policy_version_is_a_data_change(tmp_path):
         ),
         (
             "intents.yaml",
-            lambda d: d["intents"]["warranty"].update(questions=["Warranty?", "How long?"]),
-            ["intents.yaml", "intents.warranty.questions", "at least 3"],
+            lambda d: d["intents"]["warranty"].update(holdout=[]),
+            ["intents.yaml", "intents.warranty.holdout", "at least 1"],
         ),
         (
             "intents.yaml",
-            lambda d: d["intents"]["account"]["questions"].append("Where is my {product}?"),
-            ["intents.yaml", "intents.account.questions[20]", "product"],
+            lambda d: d["intents"]["account"]["eval"].append("Where is my {product}?"),
+            ["intents.yaml", "intents.account.eval[3]", "product"],
         ),
         (
             "intents.yaml",
             lambda d: d["intents"]["payment"].update(answers=["We accept {payment_methods}."]),
             ["intents.yaml", "intents.payment.answers", "questions with {item} need an answer with {item}"],
+        ),
+        (
+            "intents.yaml",
+            lambda d: d["intents"]["refunds"]["train"].append(
+                d["intents"]["refunds"]["holdout"][0].rstrip("?")
+            ),
+            ["intents.yaml", "intents.refunds.holdout[0]", "duplicate of refunds.train"],
         ),
         (
             "slots.yaml",
@@ -276,6 +305,7 @@ def test_a_third_policy_version_is_a_data_change(tmp_path):
         "too-few-templates",
         "unknown-slot",
         "no-product-answer",
+        "frame-in-two-splits",
         "noise-rate",
         "policy-key",
         "no-items",
@@ -419,9 +449,7 @@ def test_no_frame_is_shared_across_splits(corpus):
     for rows in corpus.values():
         for row in rows:
             t = int(_template(row)[1:])
-            frames[data.template_split(t, len(spec.intents[row.intent].questions))].add(
-                spec.intents[row.intent].questions[t].lower()
-            )
+            frames[spec.intents[row.intent].split_of(t)].add(spec.intents[row.intent].questions[t].lower())
     assert all(frames.values())
     assert not frames["train"] & frames["eval"] and not frames["train"] & frames["holdout"]
     assert not frames["eval"] & frames["holdout"]
@@ -463,8 +491,8 @@ def test_out_of_scope_prompts_get_the_fixed_refusal(corpus):
     assert all(
         refusal not in r.response for rows_ in corpus.values() for r in rows_ if r.intent != data.OUT_OF_SCOPE
     )
-    frames = len(data.load_corpus().intents[data.OUT_OF_SCOPE].questions)
-    assert {data.template_split(int(_template(r)[1:]), frames) for r in rows} == set(SPLITS)
+    intent = data.load_corpus().intents[data.OUT_OF_SCOPE]
+    assert {intent.split_of(int(_template(r)[1:])) for r in rows} == set(SPLITS)
 
 
 def test_prompts_carry_openers_closers_synonyms_and_noise(corpus):
