@@ -106,7 +106,7 @@ class Settings(BaseSettings):
         50, ge=1, description="Redis read/write timeout: a paused Redis costs at most this per call."
     )
     cache_breaker_failures: int = Field(
-        5, ge=1, description="Consecutive Redis failures that open the circuit breaker (Redis skipped)."
+        3, ge=1, description="Consecutive Redis failures that open the circuit breaker (Redis skipped)."
     )
     cache_breaker_cooldown_s: float = Field(
         5.0, gt=0, description="Seconds the breaker stays open before one probe call tries Redis again."

@@ -28,12 +28,21 @@ from ray.serve.handle import DeploymentHandle
 
 from components.schemas import Completion, FeedbackEvent, GenerationParams, Prediction
 from serving.api import ApiError
-from serving.model import GenerateRequest, GenerateResult, ModelServer, Target, make_settings, resolve_target
+from serving.model import (
+    HEALTH_CHECK_PERIOD_S,
+    GenerateRequest,
+    GenerateResult,
+    ModelServer,
+    Target,
+    make_settings,
+    resolve_target,
+)
 
 log = logging.getLogger(__name__)
 
 INGRESS_MAX_ONGOING = 256  # the ingress only awaits I/O: many requests per replica
 INFO_TIMEOUT_S = 5.0
+GENERATE_ATTEMPTS = 2  # a request whose model replica died is sent once more (to another replica)
 REQUEST_ID_TTL_S = 7 * 24 * 3600
 DEFAULT_MAX_TOKENS = 64
 MODEL_HEADER = "X-Flywheel-Model-Version"
@@ -104,7 +113,11 @@ class _Served:
     latency_ms: float
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=INGRESS_MAX_ONGOING)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=INGRESS_MAX_ONGOING,
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+)
 @serve.ingress()
 class Ingress:
     """HTTP API: auth, limits, cache, prediction log, feedback, and the served-alias watch."""
@@ -290,18 +303,33 @@ class Ingress:
 
     async def _generate(self, request: GenerateRequest) -> tuple[dict[str, Any], bool]:
         """One generation on the model deployment; errors become API errors."""
+        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
-        try:
-            result: GenerateResult = await self._model.generate.remote(request)
-        except BackPressureError as exc:
-            raise ApiError(
-                503,
-                "the server is at capacity: retry shortly",
-                "server_overloaded",
-                "server_error",
-                {"Retry-After": "1"},
-            ) from exc
+        for attempt in range(1, GENERATE_ATTEMPTS + 1):
+            try:
+                result: GenerateResult = await self._model.generate.remote(request)
+                break
+            except BackPressureError as exc:
+                raise ApiError(
+                    503,
+                    "the server is at capacity: retry shortly",
+                    "server_overloaded",
+                    "server_error",
+                    {"Retry-After": "1"},
+                ) from exc
+            except RayActorError as exc:
+                # The replica died (or became unreachable) with the request: generation has no
+                # side effects, so another replica may answer it; the router has dropped the dead one.
+                log.warning("model replica lost a request (attempt %d): %s", attempt, type(exc).__name__)
+                if attempt == GENERATE_ATTEMPTS:
+                    raise ApiError(
+                        503,
+                        "no model replica could answer: retry shortly",
+                        "replica_unavailable",
+                        "server_error",
+                        {"Retry-After": "1"},
+                    ) from exc
         if result.error is not None or result.completion is None:
             status, code = _GENERATE_ERRORS.get(result.error or "failed", (500, "generation_failed"))
             kind = "invalid_request_error" if status < 500 else "server_error"
@@ -361,7 +389,12 @@ class Ingress:
             "target": self._target.model_dump() if self._target else None,
             "ingress": self._metrics.snapshot(),
             "model": await self.model_info(),
-            "redis": {"breaker": self._redis.breaker.state, "failures": self._redis.failures},
+            "redis": {
+                "breaker": self._redis.breaker.state,
+                "failures": self._redis.failures,
+                "trips": self._redis.breaker.trips,
+                "opened_after": self._redis.breaker.opened_after,
+            },
             "predictions": {"buffered": self._log.buffered, "written": self._log.written},
         }
 

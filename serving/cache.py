@@ -2,11 +2,11 @@
 
 The key holds the model name and version, so a promotion can never serve the old model's
 answer. Redis is optional at every step: each call has a hard deadline of tens of
-milliseconds and a circuit breaker skips Redis entirely after a few failures, so a dead or
-paused Redis costs milliseconds and never an error. Identical misses in flight run one
-generation: in-process waiters share a future, other replicas wait on a Redis lock
-(``SET NX PX``) and read the result the holder stores, falling back to generating themselves
-after a bounded wait.
+milliseconds and a circuit breaker skips Redis entirely after a few failures (a background
+PING, not a request, probes it again after a cool-down), so a dead or paused Redis costs
+milliseconds and never an error. Identical misses in flight run one generation: in-process
+waiters share a future, other replicas wait on a Redis lock (``SET NX PX``) and read the
+result the holder stores, falling back to generating themselves after a bounded wait.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         self._probing = False
         self._lock = threading.Lock()
+        self.trips = 0  # times it opened from closed
+        self.opened_after = 0  # consecutive failures it took to open, the last time it opened
 
     @property
     def state(self) -> Literal["closed", "open", "half_open"]:
@@ -126,6 +128,8 @@ class CircuitBreaker:
             if self._probing or (self._opened_at is None and self._failures >= self._threshold):
                 if self._opened_at is None:
                     log.warning("Redis failed %d times in a row: cache circuit open", self._failures)
+                    self.trips += 1
+                    self.opened_after = self._failures
                 self._opened_at, self._probing = self._clock(), False
 
 
@@ -145,6 +149,7 @@ class GuardedRedis:
         self.client = client
         self.breaker = breaker
         self._deadline_s = deadline_s
+        self._probe: asyncio.Task[Any] | None = None  # the breaker's probe in flight (kept referenced)
         self.failures = 0
 
     @classmethod
@@ -184,6 +189,9 @@ class GuardedRedis:
     async def call(self, fn: Callable[[redis.asyncio.Redis], Awaitable[Any]], default: Any = None) -> Any:
         """Run one Redis call; on any failure, a timeout or an open breaker, return ``default``.
 
+        While the breaker is open no call reaches Redis; after its cool-down a background PING
+        probes Redis and closes the breaker when it answers.
+
         Args:
             fn: the call, given the client.
             default: what a skipped or failed call returns.
@@ -191,8 +199,17 @@ class GuardedRedis:
         Returns:
             The call's result or ``default``.
         """
-        if self.client is None or not self.breaker.allow():
+        if self.client is None:
             return default
+        if self.breaker.state != "closed":
+            # Open: skip Redis. Once the cool-down is over, a PING in the background is the one
+            # probe, so no request waits on a Redis that may still be down or paused.
+            if self.breaker.allow():
+                self._probe = asyncio.get_running_loop().create_task(self._run(lambda r: r.ping(), None))
+            return default
+        return await self._run(fn, default)
+
+    async def _run(self, fn: Callable[[redis.asyncio.Redis], Awaitable[Any]], default: Any) -> Any:
         try:
             async with asyncio.timeout(self._deadline_s):
                 result = await fn(self.client)
