@@ -111,7 +111,7 @@ def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer by local path or Hugging Face id; a pad token is guaranteed."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ref))
+    tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -125,7 +125,9 @@ def load_model(ref: str | Path, dtype: str | None = None) -> tuple[PreTrainedMod
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(ref)
-    model = AutoModelForCausalLM.from_pretrained(str(ref), use_safetensors=True, dtype=dtype or "auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ref), use_safetensors=True, dtype=dtype or "auto", trust_remote_code=False
+    )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -399,15 +399,32 @@ class IntentIndex:
 
 # Instructions aimed at the model rather than an answer to the customer (prompt injection).
 _INJECTION = re.compile(
-    r"ignore (?:all |any |the )?(?:previous|prior|above|earlier) (?:instructions|prompts?|rules)"
-    r"|disregard (?:all |any |the )?(?:previous|prior|above|your) (?:instructions|rules)"
-    r"|system prompt|(?:reveal|print|show|repeat) (?:your|the) (?:instructions|prompt)"
-    r"|you are now|developer mode|jailbreak|\bDAN\b",
+    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}?\b(?:instructions?|prompts?|rules|guidelines|directions|restrictions)\b"
+    r"|\b(?:ignore|disregard|forget)\s+(?:everything|all|anything)\s+(?:above|before|previous|prior|earlier|else)"
+    r"|\bsystem[\s_-]*(?:prompt|message|instructions?)\b"
+    r"|\b(?:reveal|print|show|repeat|tell|give|output|list|what\s+(?:is|are))\b[^.!?\n]{0,30}?"
+    r"\b(?:your|the)\s+(?:\w+\s+)?(?:instructions|prompt|rules|guidelines)\b"
+    r"|\b(?:new|updated|additional)\s+instructions?\s*:"
+    r"|\byou\s+(?:are|were)\s+(?:now|told|instructed|programmed)\b|\b(?:were|are)\s+you\s+(?:told|instructed|programmed)\b"
+    r"|\bpretend\s+(?:to\s+be|you\s+are)\b|\bact\s+as\s+(?:an?|the|if)\b"
+    r"|developer\s+mode|jailbreak|\bDAN\b|no\s+restrictions",
     re.IGNORECASE,
 )
+# Any scheme, defanged schemes and dots, www., and a dotted host name with a letter TLD (the
+# corpus writes no such token: prices and times have digits on both sides of their dots).
 _LINK = re.compile(
-    r"https?://|\bwww\.|\b[a-z0-9-]+\.(?:com|net|org|io|ru|cn|xyz|info|biz|co|ly|me|app|top)\b", re.IGNORECASE
+    r"\b[a-z][a-z0-9+.-]*://|\bh[tx]{2}ps?\b|\bwww\d?\.|\[\.\]|\(\.\)"
+    r"|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z][a-z0-9-]{1,62}\b(?=/|\s|$|[),.;:!?'\"])",
+    re.IGNORECASE,
 )
+
+
+def _screened(text: str) -> str:
+    """Text as the screens read it: compatibility forms folded, invisible format characters dropped."""
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKC", text)
+    return "".join(ch for ch in folded if unicodedata.category(ch) != "Cf")
 
 
 # The builder -------------------------------------------------------------------------------
@@ -473,7 +490,7 @@ def plan_build(
         items.append(item)
     _quarantine_repeats(items, policy)
 
-    accepted = _accept_changes(items, policy)
+    accepted = _accept_changes(items, policy, current)
     updated = {intent: dict(facts) for intent, facts in current.items()}
     for (intent, key), (new, _users, _ids) in accepted.items():
         updated[intent][key] = new
@@ -700,9 +717,9 @@ def _screen(item: _Item, policy: RetrainPolicy, current: dict, known: dict[str, 
     """Quarantine what looks like an attack or a mistake; find the facts a correction changes."""
     completion = item.correction or (item.response if item.row.rating > 0 else "")
     for text, where in ((item.prompt, "prompt"), (completion, "answer"), (item.row.comment or "", "comment")):
-        if _INJECTION.search(text):
+        if _INJECTION.search(_screened(text)):
             item.hold("quarantine", f"instructions aimed at the model in the {where}")
-    if _LINK.search(completion):
+    if _LINK.search(_screened(completion)):
         item.hold("quarantine", "link in the answer")
     if len(item.prompt) > policy.max_prompt_chars:
         item.hold("quarantine", f"prompt longer than {policy.max_prompt_chars} characters")
@@ -741,7 +758,7 @@ def _quarantine_repeats(items: Sequence[_Item], policy: RetrainPolicy) -> None:
 
 
 def _accept_changes(
-    items: Sequence[_Item], policy: RetrainPolicy
+    items: Sequence[_Item], policy: RetrainPolicy, current: Mapping[str, Mapping[str, str]]
 ) -> dict[tuple[str, str], tuple[str, set[str], set[str]]]:
     """(intent, fact) → (new value, keys, feedback ids) for the changes enough distinct keys agree on."""
     votes: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -756,6 +773,14 @@ def _accept_changes(
             if item.kind is None:
                 votes[(item.intent, key)][new].add(item.row.user_id)
                 ids[(item.intent, key, new)].add(item.row.event_id)
+        # A key that confirmed the current value (a positive rating of an answer that states it, or
+        # a correction that restates it) disagrees with changing it: colluding keys cannot outvote
+        # the users who were content with the answer.
+        confirmed = item.correction or (item.response if item.row.rating > 0 else None)
+        if confirmed:
+            for key, value in current[item.intent].items():
+                if key not in item.changes and states_fact(confirmed, value):
+                    voters[(item.intent, key)].add(item.row.user_id)
     accepted = {}
     for (intent, key), by_value in votes.items():
         new, users = max(by_value.items(), key=lambda kv: (len(kv[1]), kv[0]))

@@ -383,7 +383,14 @@ def _load_folder(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         tokenizer_dir = components_tokenizer if components_tokenizer.is_dir() else weights
     _require_safetensors(weights)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(weights), use_safetensors=True, dtype="auto")
+    from safetensors import SafetensorError
+
+    try:  # never the model's own code: a registry version is data, not a program
+        model = AutoModelForCausalLM.from_pretrained(
+            str(weights), use_safetensors=True, dtype="auto", trust_remote_code=False
+        )
+    except SafetensorError as exc:  # e.g. a pickle renamed to model.safetensors
+        raise InvalidInput(f"{weights}: the safetensors weights cannot be read: {exc}") from exc
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

@@ -207,7 +207,10 @@ def promote(
 
     Promoting the current champion again is a no-op that says so (also for the loser of two
     promotions of one version at once). The decision (pass or fail, one reason per check) is
-    recorded as version tags either way.
+    recorded as version tags either way, except that a refused promotion of a former champion
+    (typically a retried run whose evaluation names a champion since replaced) leaves the record
+    of the promotion that made it champion: ``previous``, and whatever a rollback restores, never
+    names a version marked rejected.
 
     Args:
         version: registered version to promote.
@@ -252,6 +255,14 @@ def promote(
         decision = decide(
             report, gate, model_name=name, version=version, champion=champion, decided_at=datetime.now(UTC)
         )
+        if not decision.promoted and mv.tags.get(TAG_PROMOTED) == "true" and _was_champion(client, mv):
+            log.info(
+                "%s v%s, a former champion, not promoted again (its promotion record is kept): %s",
+                name,
+                version,
+                "; ".join(r for r in decision.reasons if r.startswith("FAIL")),
+            )
+            return decision
         tags = {TAG_PROMOTED: str(decision.promoted).lower(), TAG_DECISION: decision.model_dump_json()}
         if decision.promoted:
             tags[TAG_REPLACED] = champion or ""
@@ -825,6 +836,17 @@ def _search_versions(client: MlflowClient, filter_string: str) -> Iterator[Model
         token = page.token
         if not token:
             return
+
+
+def _was_champion(client: MlflowClient, mv: ModelVersion) -> bool:
+    """Whether a version held ``champion`` once: a later promotion replaced it, or a rollback moved off it.
+
+    Its own promotion tags do not say: they are written before the alias moves (see :func:`promote`).
+    """
+    if TAG_ROLLED_BACK in mv.tags:
+        return True
+    replaced_it = f"name = '{_quote(mv.name)}' and tags.`{TAG_REPLACED}` = '{_quote(str(mv.version))}'"
+    return next(iter(_search_versions(client, replaced_it)), None) is not None
 
 
 def _find_registered(client: MlflowClient, name: str, result: TrainResult) -> ModelVersion | None:

@@ -15,7 +15,13 @@ def client(settings: Settings) -> MlflowClient:
     from mlflow import MlflowClient
 
     if settings.tracking_uri.startswith("sqlite:"):
+        from components.locks import hold
+
         settings.ensure_home()
+        # The client creates and migrates a fresh SQLite store on first use, which is not safe
+        # when several processes (parallel trainings, DAG tasks) open a new home at once.
+        with hold(settings.home, "mlflow-store", what="the MLflow store's set-up"):
+            return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 

@@ -96,10 +96,12 @@ def training_pipeline() -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
         from components import pipeline
+        from components.schemas import DatasetRef
         from components.validate import DataValidationError
 
-        try:
-            return pipeline.validate(_settings(), snap["dataset"]["sha256"]).model_dump(mode="json")
+        try:  # the ref itself: a file or folder outside the home's datasets is found by its URI
+            ref = DatasetRef.model_validate(snap["dataset"])
+            return pipeline.validate(_settings(), ref).model_dump(mode="json")
         except DataValidationError as exc:
             message = f"REJECTED dataset {snap['dataset']['sha256'][:12]}: {exc}"
             logging.getLogger("flywheel.dags").error(message)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from components.schemas import Completion, GenerationParams
 
@@ -49,9 +49,25 @@ def error_body(message: str, type_: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "code": code, "param": None}}
 
 
+class ErrorInfo(BaseModel):
+    """What went wrong: the fields of an OpenAI error."""
+
+    message: str = Field(description="What went wrong and what to do, for a person.")
+    type: str = Field(description="OpenAI error type (invalid_request_error, authentication_error, …).")
+    code: str = Field(description="Stable machine-readable code (missing_api_key, max_tokens_too_large, …).")
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (4xx and 5xx)."""
+
+    error: ErrorInfo
+
+
 class _Request(BaseModel):
-    # Unknown OpenAI fields (logprobs, user, …) are accepted and ignored, as OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown OpenAI fields (logprobs, user, …) are accepted and ignored, as OpenAI-compatible servers do;
+    # known ones must have their schema's type ("stream": 0 or "max_tokens": "5" is a 422, not a guess).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field("", max_length=256, description="Served model name, optionally with ':VERSION'.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (server cap applies).")
@@ -99,10 +115,17 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+_NOT_BLANK = {"type": "string", "pattern": r"\S"}
+_ONE_PROMPT = {"anyOf": [_NOT_BLANK, {"type": "array", "items": _NOT_BLANK, "minItems": 1, "maxItems": 1}]}
+
+
 class CompletionRequest(_Request):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] = Field(description="The question (one prompt per request).")
+    # The schema states what the validator below accepts: one non-blank prompt, alone or in a list.
+    prompt: Annotated[str | list[str], WithJsonSchema(_ONE_PROMPT)] = Field(
+        description="The question (one prompt per request)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -119,7 +142,7 @@ class CompletionRequest(_Request):
 class ChatMessage(BaseModel):
     """One message of a conversation."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -127,14 +150,41 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The message's text (text parts of a multi-part content joined)."""
         if isinstance(self.content, list):
-            return " ".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+            return " ".join(
+                p["text"] for p in self.content if p.get("type") == "text" and isinstance(p.get("text"), str)
+            )
         return self.content or ""
+
+
+# What prompt() needs, as a schema: some user message with text (a string, or a text part).
+_USER_MESSAGE_WITH_TEXT = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"const": "user"},
+        "content": {
+            "anyOf": [
+                _NOT_BLANK,
+                {
+                    "type": "array",
+                    "contains": {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "properties": {"type": {"const": "text"}, "text": _NOT_BLANK},
+                    },
+                },
+            ]
+        },
+    },
+}
 
 
 class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``: the last user message is the prompt (the model is single-turn)."""
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=256, json_schema_extra={"contains": _USER_MESSAGE_WITH_TEXT}
+    )
 
     def prompt(self) -> str:
         """The last user message."""
@@ -243,7 +293,7 @@ class ModelList(BaseModel):
 class FeedbackRequest(BaseModel):
     """``POST /v1/feedback``: what a user says about one answer (the user is the API key)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     event_id: str = Field(min_length=8, max_length=128, description="Client idempotency key (e.g. a UUID).")
     request_id: str = Field(min_length=1, max_length=128, description="The id of the answer's response.")

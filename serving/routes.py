@@ -10,9 +10,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.feedback_store import ApiKeyInfo
@@ -28,6 +29,7 @@ from serving.api import (
     CompletionRequest,
     CompletionResponse,
     Delta,
+    ErrorResponse,
     FeedbackRequest,
     Health,
     ModelCard,
@@ -50,6 +52,32 @@ _STATUS_CODES = {
     405: "method_not_allowed",
 }
 
+# What each error status means, for the schema: every error has the same JSON body.
+_ERROR_MEANINGS = {
+    400: "The body could not be read (not UTF-8 text).",
+    401: "No API key, or an unknown or revoked one.",
+    403: "The endpoint needs an admin API key.",
+    404: "The model named is not served here, or the request id was never issued.",
+    409: "The event id was already used for different feedback.",
+    413: "The request body or the prompt is too large.",
+    422: "The request is malformed or asks beyond the server's caps.",
+    429: "The API key is over its rate limit (see Retry-After).",
+    502: "The model version the alias names could not be loaded; the old one keeps serving.",
+    503: "The server is at capacity or has no model loaded yet (see Retry-After).",
+}
+_KEYED = (401, 413, 429)  # any route behind an API key: no key, body over the limit, over the rate
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error statuses (all with :class:`ErrorResponse`)."""
+    return {
+        s: {"model": ErrorResponse, "description": _ERROR_MEANINGS[s]} for s in sorted({*_KEYED, *statuses})
+    }
+
+
+# Completions answer JSON, or server-sent events with ``stream: true``.
+_STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
+
 
 def build_fastapi(ingress: "Ingress") -> FastAPI:
     """The HTTP API over one ingress replica.
@@ -67,8 +95,12 @@ def build_fastapi(ingress: "Ingress") -> FastAPI:
     )
     _install_errors(app)
     _install_middleware(app, ingress)
+    # Declares the bearer scheme in the schema; the key itself is checked by ingress.keys.
+    bearer = HTTPBearer(auto_error=False, description="An API key: `flywheel keys create`.")
 
-    async def api_key(request: Request) -> ApiKeyInfo:
+    async def api_key(
+        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+    ) -> ApiKeyInfo:
         key = await ingress.keys.verify(request.headers.get("authorization"))
         await ingress.limiter.check(key.id)
         request.state.key = key
@@ -100,13 +132,18 @@ def build_fastapi(ingress: "Ingress") -> FastAPI:
             return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
         return Health(status="ready", model=f"{target.name}:{target.version}", version=target.version)
 
-    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"], responses=_errors(503))
     async def models(_: Key) -> ModelList:
         """The served model, by name and by name:version."""
         target = ingress.target("")
         return ModelList(data=[ModelCard(id=target.name), ModelCard(id=f"{target.name}:{target.version}")])
 
-    @app.post("/v1/completions", response_model=CompletionResponse, tags=["openai"])
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        tags=["openai"],
+        responses={**_STREAMED, **_errors(400, 404, 422, 503)},
+    )
     async def completions(body: CompletionRequest, request: Request, key: Key) -> Any:
         """Complete a prompt (OpenAI shape; ``stream: true`` for server-sent events)."""
         served = await ingress.complete(body.prompt, body, key.id, _no_cache(request))
@@ -124,7 +161,12 @@ def build_fastapi(ingress: "Ingress") -> FastAPI:
         )
         return _json(response.model_dump(), served)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        tags=["openai"],
+        responses={**_STREAMED, **_errors(400, 404, 422, 503)},
+    )
     async def chat(body: ChatCompletionRequest, request: Request, key: Key) -> Any:
         """Answer the last user message of a conversation (OpenAI shape; ``stream: true`` for SSE)."""
         try:
@@ -149,7 +191,7 @@ def build_fastapi(ingress: "Ingress") -> FastAPI:
         )
         return _json(response.model_dump(), served)
 
-    @app.post("/v1/feedback", tags=["feedback"])
+    @app.post("/v1/feedback", tags=["feedback"], responses=_errors(400, 404, 409, 422))
     async def feedback(body: FeedbackRequest, key: Key) -> Any:
         """Rate one answer (+1/-1), optionally with a correction; answered once durably stored.
 
@@ -159,7 +201,7 @@ def build_fastapi(ingress: "Ingress") -> FastAPI:
         receipt, duplicate = await ingress.feedback(body, key.id)
         return JSONResponse(receipt, headers={"X-Flywheel-Duplicate": str(duplicate).lower()})
 
-    @app.post("/admin/reload", tags=["admin"])
+    @app.post("/admin/reload", tags=["admin"], responses=_errors(403, 502))
     async def reload(_: Admin) -> Any:
         """Check the served alias now and swap to the version it names (loaded fully first)."""
         outcome = await ingress.refresh()
@@ -167,12 +209,12 @@ def build_fastapi(ingress: "Ingress") -> FastAPI:
             raise ApiError(502, f"reload failed: {outcome['error']}", "reload_failed", "server_error")
         return outcome
 
-    @app.get("/admin/stats", tags=["admin"])
+    @app.get("/admin/stats", tags=["admin"], responses=_errors(403))
     async def stats(_: Admin) -> Any:
         """Counters of this ingress replica and one model replica."""
         return await ingress.stats()
 
-    @app.post("/admin/flush", tags=["admin"])
+    @app.post("/admin/flush", tags=["admin"], responses=_errors(403))
     async def flush(_: Admin) -> Any:
         """Write this replica's buffered prediction log now."""
         import asyncio
