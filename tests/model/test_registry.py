@@ -121,7 +121,7 @@ def test_promotion_is_gated_idempotent_and_reversible(
     # The policy changes: the v2 model beats the v1 champion on the v2 eval set and is promoted.
     v2 = registry.register(trained_v2, settings)
     promoted = registry.promote(v2, gate, settings, report=_evaluate(v2, v2_ref, settings))
-    assert promoted.promoted and promoted.previous_champion == v1, promoted.reasons
+    assert promoted.promoted and promoted.previous_champion == v1, "\n".join(promoted.reasons)
     assert _aliases(settings) == {"champion": v2, "previous": v1}
 
     # An evaluation against a champion that has since been replaced is stale.
