@@ -40,6 +40,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_up(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a Redis answers PING on ``host:port``."""
+    import redis
+
+    try:
+        return bool(redis.Redis(host=host, port=port, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_USERS = ("postgres", "root")
+
+
+@pytest.fixture
+def pg_url():
+    """A plain ``postgresql://`` URL (as users write it) of a fresh database, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    admin, user, errors = None, "", []
+    for user in PG_USERS:
+        try:
+            admin = psycopg.connect(
+                host=PG_HOST, port=PG_PORT, user=user, dbname="postgres", autocommit=True, connect_timeout=3
+            )
+            break
+        except psycopg.OperationalError as e:
+            errors.append(f"{user}: {e}".strip())
+    require(admin is not None, f"PostgreSQL at {PG_HOST}:{PG_PORT} unreachable ({'; '.join(errors)})")
+    name = f"fw_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> None:
     # MLflow's load_model and Ray leave temp folders: keep them inside pytest's temp root.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -12,37 +11,9 @@ import sqlalchemy as sa
 
 from components.errors import Conflict, NotFound
 from components.feedback_store import VERSION_TABLE, FeedbackStore
-from tests.conftest import require
 from tests.unit.test_feedback_store import _parallel, make_event, make_prediction
 
 pytestmark = pytest.mark.integration
-
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_USERS = ("postgres", "root")
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A plain ``postgresql://`` URL (as users write it) of a fresh database, dropped afterwards."""
-    import psycopg
-
-    admin, errors = None, []
-    for user in PG_USERS:
-        try:
-            admin = psycopg.connect(
-                host=PG_HOST, port=PG_PORT, user=user, dbname="postgres", autocommit=True, connect_timeout=3
-            )
-            break
-        except psycopg.OperationalError as e:
-            errors.append(f"{user}: {e}".strip())
-    require(admin is not None, f"PostgreSQL at {PG_HOST}:{PG_PORT} unreachable ({'; '.join(errors)})")
-    name = f"fw_store_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture

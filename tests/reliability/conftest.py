@@ -9,7 +9,7 @@
 - ``ServingProcess``: ``python -m serving`` as a process tree of its own, to kill -9 and restart.
 - ``RedisServer`` / ``redis_server``: a redis-server of the test's own, to stop, pause and kill.
 - ``shared_redis_prefix``: a key prefix of the test's own on the machine's Redis, cleaned afterwards.
-- ``pg_url``: a fresh PostgreSQL database of the test's own, dropped afterwards.
+- ``pg_url`` (from tests/conftest.py): a fresh PostgreSQL database of the test's own, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ import pytest
 from tests.conftest import free_port, require
 
 MODEL_NAME = "reliability"
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_USERS = ("postgres", "root")
 READY_TIMEOUT_S = 180
 
 
@@ -492,27 +490,3 @@ def shared_redis_prefix() -> Iterator[str]:
         for i in range(0, len(keys), 1000):
             client.delete(*keys[i : i + 1000])
         client.close()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A ``postgresql://`` URL of a fresh database on the machine's PostgreSQL, dropped afterwards."""
-    import psycopg
-
-    admin, user, errors = None, "", []
-    for user in PG_USERS:
-        try:
-            admin = psycopg.connect(
-                host=PG_HOST, port=PG_PORT, user=user, dbname="postgres", autocommit=True, connect_timeout=3
-            )
-            break
-        except psycopg.OperationalError as e:
-            errors.append(f"{user}: {e}".strip())
-    require(admin is not None, f"PostgreSQL at {PG_HOST}:{PG_PORT} ({'; '.join(errors)})")
-    name = f"fw_rel_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()

@@ -18,21 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, require
+from tests.conftest import free_port, redis_up, require
 
 MODEL_NAME = "security-test"
 MAX_TOKENS_CAP = 16
 SERVE_MAX_PROMPT_TOKENS = 96
 KEY_CACHE_S = 2.0  # how long a replica trusts a verified key: the revocation test waits this long
-
-
-def _redis_up(port: int) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 @dataclass
@@ -118,7 +109,7 @@ def secure_app(
     tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, seed_ref
 ) -> Iterator[SecureApp]:
     """The served app at ``/`` with the champion (version 1) loaded; stopped with its Ray at the end."""
-    require(_redis_up(6379), "Redis on 127.0.0.1:6379")
+    require(redis_up(6379), "Redis on 127.0.0.1:6379")
     from components.settings import Settings
 
     home = tmp_path_factory.mktemp("security") / "home"

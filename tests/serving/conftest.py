@@ -19,19 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, require
+from tests.conftest import free_port, redis_up, require
 
 MODEL_NAME = "serve-test"
 RATE_LIMIT = 100  # per minute per key; every test makes its own keys
-
-
-def _redis_up(port: int) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 @dataclass
@@ -103,7 +94,7 @@ def _wait_ready(url: str, timeout_s: float = 120) -> None:
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, seed_ref) -> Iterator[Served]:
     """Two versions registered (champion = the first), the app at ``/`` and the flaky-Redis app at ``/flaky``."""
-    require(_redis_up(6379), "Redis on 127.0.0.1:6379")
+    require(redis_up(6379), "Redis on 127.0.0.1:6379")
     redis_server = shutil.which("redis-server") or str(Path(os.sys.executable).parent / "redis-server")
     require(Path(redis_server).exists(), "a redis-server binary")
 

@@ -52,10 +52,9 @@ def _settings():
 
 
 def test_single_flight_and_hits_on_real_redis():
-    from tests.conftest import require
-    from tests.serving.conftest import _redis_up
+    from tests.conftest import redis_up, require
 
-    require(_redis_up(6379), "Redis on 127.0.0.1:6379")
+    require(redis_up(6379), "Redis on 127.0.0.1:6379")
     calls = 0
 
     async def produce():
