@@ -63,7 +63,9 @@ class DemoOptions(BaseModel):
     poison_share: float = Field(
         0.0, ge=0, le=0.5, description="Share of feedback a single hostile key adds (malicious corrections)."
     )
-    measure_prompts: int = Field(160, ge=10, description="Held-out paraphrases asked before and after.")
+    # 400: the untouched intents' figure then moves by about one point from sampling alone, so a
+    # two-point loss can be told from noise (160 moved it by two).
+    measure_prompts: int = Field(400, ge=10, description="Held-out paraphrases asked before and after.")
     max_examples: int = Field(200, ge=10, description="eval + holdout rows each evaluation scores.")
     gate: dict[str, Any] = Field(default_factory=dict, description="PromotionGate fields; {}: the defaults.")
 

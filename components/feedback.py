@@ -56,7 +56,7 @@ class _Record(BaseModel):
 
 # Continual fine-tuning of the champion on the merged data: what it knows stays, the changed
 # facts are learned (the best on the eval split in benchmarks/retrain.py).
-RETRAIN_FIELDS: dict[str, Any] = {"max_steps": 500, "learning_rate": 2e-3, "warmup_steps": 20}
+RETRAIN_FIELDS: dict[str, Any] = {"max_steps": 800, "learning_rate": 2e-3, "warmup_steps": 20}
 
 
 class RetrainPolicy(_Record):
