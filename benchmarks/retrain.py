@@ -30,6 +30,7 @@ DEFAULT_VARIANTS = [
     {"max_steps": 150, "learning_rate": 2e-3, "warmup_steps": 10},
     {"max_steps": 300, "learning_rate": 2e-3, "warmup_steps": 20},
     {"max_steps": 500, "learning_rate": 2e-3, "warmup_steps": 20},
+    {"max_steps": 800, "learning_rate": 2e-3, "warmup_steps": 20},
 ]
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import require
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "helm" / "flywheel"
 # CI lays shared/ beside the clone, so the CRDs resolve relative to the repository root.
@@ -23,19 +25,6 @@ CRD_DIR = REPO_ROOT.parent / "shared" / "k8s-crds" / "kuberay-v1.7.0"
 RELEASE = "fw"
 NAMESPACE = "flywheel"
 VARIANTS = ["default", *sorted(p.name for p in (CHART / "ci").glob("*.yaml"))]
-
-
-def in_ci() -> bool:
-    """Whether this run is CI (where a missing tool is a failure, not a skip)."""
-    return os.environ.get("CI", "").lower() == "true"
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip locally, fail in CI."""
-    if in_ci():
-        pytest.fail(f"required in CI: {reason}")
-    print(f"skipping: {reason}")
-    pytest.skip(reason)
 
 
 def find_helm() -> Path | None:
@@ -53,8 +42,10 @@ def find_helm() -> Path | None:
 def helm_bin() -> Path:
     """The helm binary; skipped locally (failed in CI) when it is not installed."""
     helm = find_helm()
-    if helm is None or not helm.exists():
-        skip_or_fail("helm not found: run infra/ci/install_helm.sh (or set FLYWHEEL_HELM)")
+    require(
+        helm is not None and helm.exists(),
+        "helm not found: run infra/ci/install_helm.sh (or set FLYWHEEL_HELM)",
+    )
     return helm
 
 
@@ -122,8 +113,7 @@ def rendered(request: pytest.FixtureRequest, render: Callable[..., Render]) -> R
 @pytest.fixture(scope="session")
 def crd_dir() -> Path:
     """The KubeRay CRD folder; skipped locally (failed in CI) when it is absent."""
-    if not CRD_DIR.is_dir():
-        skip_or_fail(f"KubeRay CRDs not found at {CRD_DIR}")
+    require(CRD_DIR.is_dir(), f"KubeRay CRDs not found at {CRD_DIR}")
     return CRD_DIR
 
 
