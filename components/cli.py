@@ -590,6 +590,7 @@ def _demo_summary(s) -> None:
         f"{b.changed:.2f}",
         f"{a.changed:.2f}",
     )
+    table.add_row("  of those, still the old fact", f"{b.stale:.2f}", f"{a.stale:.2f}")
     table.add_row(
         f"fact accuracy, untouched intents ({a.n_untouched} held-out)",
         f"{b.untouched:.2f}",

@@ -77,6 +77,11 @@ class Accuracy(BaseModel):
     untouched: float
     n_changed: int
     n_untouched: int
+    stale: float = Field(
+        0.0,
+        description="Share of the changed intents' answers that still state a fact the policy replaced "
+        "(what a model that missed the change says); the rest of their misses answered another intent.",
+    )
 
 
 class DemoSummary(BaseModel):
@@ -158,7 +163,7 @@ def run(settings: Settings, options: DemoOptions, on_stage: StageFn | None = Non
             airflow.extra_env = {"FLYWHEEL_SERVE_URL": url, "FLYWHEEL_SERVE_ADMIN_KEY": keys.admin}
             holdout = _held_out(settings, spec, options.measure_prompts)
             with clock("ask (before)"):
-                acc_before = _accuracy(http, keys.admin, holdout, changed)
+                acc_before = _accuracy(http, keys.admin, holdout, changed, spec)
             with clock("users"):
                 traffic = _simulate_users(http, keys, settings, options, changed)
                 _post(http, "/admin/flush", keys.admin, {})
@@ -180,7 +185,7 @@ def run(settings: Settings, options: DemoOptions, on_stage: StageFn | None = Non
             with clock("reload"):
                 served = _wait_for_version(http, after)
             with clock("ask (after)"):
-                acc_after = _accuracy(http, keys.admin, holdout, changed)
+                acc_after = _accuracy(http, keys.admin, holdout, changed, spec)
     finally:
         keys.revoke()
     return DemoSummary(
@@ -414,23 +419,31 @@ def _held_out(settings: Settings, spec: Any, limit: int) -> list[dict]:
     return rows[:limit]
 
 
-def _accuracy(http: httpx.Client, key: str, rows: Sequence[dict], changed: set[str]) -> Accuracy:
-    """Share of answers that state every fact of the new policy, over changed and untouched intents."""
-    from components.evaluate import states_fact
+def _accuracy(http: httpx.Client, key: str, rows: Sequence[dict], changed: set[str], spec: Any) -> Accuracy:
+    """Share of answers that state every fact of the new policy, over changed and untouched intents.
 
-    def correct(row: dict) -> bool:
+    Also the share of the changed intents' answers that state a replaced value, so a summary can
+    tell a change the model missed from a wording it did not recognise.
+    """
+    from components.evaluate import replaced_facts, states_fact
+
+    old = replaced_facts(NEW_POLICY, spec)
+
+    def score(row: dict) -> tuple[bool, bool]:
         _, answer, _ = _ask(http, key, row["prompt"])
-        return all(states_fact(answer, fact) for fact in row["facts"])
+        stale = any(states_fact(answer, value) for fact in row["facts"] for value in old.get(fact, ()))
+        return all(states_fact(answer, fact) for fact in row["facts"]), stale
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # concurrent requests: serving batches them
-        results = list(pool.map(correct, rows))
-    moved = [ok for row, ok in zip(rows, results, strict=True) if row["intent"] in changed]
-    kept = [ok for row, ok in zip(rows, results, strict=True) if row["intent"] not in changed]
+        results = list(pool.map(score, rows))
+    moved = [got for row, got in zip(rows, results, strict=True) if row["intent"] in changed]
+    kept = [ok for row, (ok, _) in zip(rows, results, strict=True) if row["intent"] not in changed]
     return Accuracy(
-        changed=sum(moved) / len(moved) if moved else 0.0,
+        changed=sum(ok for ok, _ in moved) / len(moved) if moved else 0.0,
         untouched=sum(kept) / len(kept) if kept else 0.0,
         n_changed=len(moved),
         n_untouched=len(kept),
+        stale=sum(stale for _, stale in moved) / len(moved) if moved else 0.0,
     )
 
 

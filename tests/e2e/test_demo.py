@@ -63,6 +63,9 @@ def test_the_new_champion_states_the_changed_facts_on_held_out_paraphrases(demo)
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     assert before["n_changed"] > 0 and after["n_changed"] == before["n_changed"]
     assert after["changed"] > before["changed"], (before, after)
+    # The old champion states the replaced facts; the new one has dropped them, so its misses on
+    # these intents are wordings it did not recognise, not the change.
+    assert before["stale"] >= 0.5 and after["stale"] <= 0.1, (before, after)
     # Untouched intents: the champion is fine-tuned further, so what it knew stays (the goal:
     # at most 2 points lost over the held-out paraphrases of the intents the change left alone).
     assert after["untouched"] >= before["untouched"] - 0.02, (before, after)
