@@ -93,6 +93,11 @@ class TrainParams(_Record):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None: no clipping.")
+    # 0.1: best with the widest model on the eval split at no extra time (benchmarks/results/
+    # sweep_round3.json). Eval loss is then higher by design: compare it between like runs.
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="Share of each target token's probability spread over the vocabulary."
+    )
     max_seq_len: int = Field(256, ge=16, le=8192)
     workers: int = Field(2, ge=1, le=256)
     cpu_threads: int | None = Field(

@@ -189,15 +189,18 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     *,
     max_grad_norm: float | None,
+    label_smoothing: float = 0.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation), on the batches' device.
 
     Each micro-batch's mean loss is weighted by its share of target tokens, so the step's loss
     is the mean over every target token of the step, whatever the padding. Under DDP the
-    gradient all-reduce runs only on the last micro-batch.
+    gradient all-reduce runs only on the last micro-batch. With ``label_smoothing`` the loss is
+    cross-entropy against smoothed targets (the reported loss then includes the smoothing).
     """
     import torch
+    import torch.nn.functional as F  # noqa: N812
 
     model.train()
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
@@ -208,12 +211,23 @@ def train_step(
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast():
-                out = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=batch["labels"],
-                )
-            loss = out.loss * (counts[i] / total)
+                if label_smoothing:
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    mean = F.cross_entropy(
+                        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                        batch["labels"][:, 1:].reshape(-1),
+                        ignore_index=IGNORE_INDEX,
+                        label_smoothing=label_smoothing,
+                    )
+                else:
+                    mean = model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        labels=batch["labels"],
+                    ).loss
+            loss = mean * (counts[i] / total)
             loss.backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -618,6 +632,7 @@ def _train_steps(
             optimizer,
             scheduler,
             max_grad_norm=params.max_grad_norm,
+            label_smoothing=params.label_smoothing,
             autocast=lambda: autocast_context(job.device, params.bf16),
         )
         seconds = time.perf_counter() - started

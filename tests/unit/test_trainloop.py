@@ -70,6 +70,34 @@ def test_truncation_keeps_max_seq_len_and_drops_examples_without_target(tokenize
     assert build_examples([long_row], tokenizer, max_seq_len=prompt_len) == []
 
 
+def test_label_smoothing_mixes_the_target_with_the_uniform_distribution(tokenizer, base_model_dir):
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    from components.base_model import load_model
+    from components.trainloop import IGNORE_INDEX, build_examples, collate, train_step
+
+    batch = collate(build_examples(ROWS, tokenizer, max_seq_len=128), tokenizer.pad_token_id)
+    model, _ = load_model(base_model_dir)
+    learn = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(5):  # away from the near-uniform start, where both losses coincide
+        train_step(model, [batch], learn, None, max_grad_norm=None)
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights alone
+    plain = train_step(model, [batch], frozen, None, max_grad_norm=None).loss
+    smooth = train_step(model, [batch], frozen, None, max_grad_norm=None, label_smoothing=0.1).loss
+
+    with torch.no_grad():
+        logp = F.log_softmax(
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1], -1
+        )
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    target = logp.gather(-1, batch["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    uniform = logp.mean(-1)[mask]
+    assert plain == pytest.approx(float(-target.mean()), rel=1e-4)
+    assert smooth == pytest.approx(float(-(0.9 * target + 0.1 * uniform).mean()), rel=1e-4)
+    assert smooth > plain + 0.1
+
+
 def test_batch_schedule_shards_by_rank_and_is_deterministic():
     from components.trainloop import BatchSchedule
 
