@@ -80,7 +80,7 @@ class Accuracy(BaseModel):
     stale: float = Field(
         0.0,
         description="Share of the changed intents' answers that still state a fact the policy replaced "
-        "(what a model that missed the change says); the rest of their misses answered another intent.",
+        "(what a model that missed the change says); a miss that states none is a wording it did not place.",
     )
 
 

@@ -200,7 +200,6 @@ def train_step(
     cross-entropy against smoothed targets (the reported loss then includes the smoothing).
     """
     import torch
-    import torch.nn.functional as F  # noqa: N812
 
     model.train()
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
@@ -215,12 +214,7 @@ def train_step(
                     logits = model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
-                    mean = F.cross_entropy(
-                        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                        batch["labels"][:, 1:].reshape(-1),
-                        ignore_index=IGNORE_INDEX,
-                        label_smoothing=label_smoothing,
-                    )
+                    mean = next_token_loss(logits, batch["labels"], label_smoothing=label_smoothing)
                 else:
                     mean = model(
                         input_ids=batch["input_ids"],
@@ -247,6 +241,21 @@ def train_step(
     )
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Cross-entropy of each position's logits against the next token, masked positions skipped.
+
+    ``kwargs`` go to ``torch.nn.functional.cross_entropy`` (``reduction``, ``label_smoothing``).
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        **kwargs,
+    )
+
+
 def eval_loss(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -264,7 +273,6 @@ def eval_loss(
     returns the same number.
     """
     import torch
-    import torch.nn.functional as F  # noqa: N812
 
     device = device or next(model.parameters()).device
     shard = list(examples)[rank::world_size]
@@ -279,12 +287,7 @@ def eval_loss(
             with autocast_context(device, bf16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            loss = next_token_loss(logits, batch["labels"], reduction="sum")
             sums += torch.stack([loss.double(), (targets != IGNORE_INDEX).sum().double()])
     model.train(was_training)
     if world_size > 1:
