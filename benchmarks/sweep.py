@@ -68,9 +68,16 @@ TRIALS: dict[str, dict[str, Any]] = {
     "r3_smoothing0.1": {"rows": 7200, "spec": {}, "params": {"label_smoothing": 0.1}},
     "r3_smoothing0.2": {"rows": 7200, "spec": {}, "params": {"label_smoothing": 0.2}},
     "r3_width128": {"rows": 7200, "spec": {"n_embd": 128}, "params": {}},
+    # Round 4, at round 3's choice (label smoothing 0.1): questions with tokens dropped during
+    # training, and the wider model again on top of smoothing.
+    "r4_reference": {"rows": 7200, "spec": {}, "params": {}},
+    "r4_qdrop0.1": {"rows": 7200, "spec": {}, "params": {"prompt_dropout": 0.1}},
+    "r4_qdrop0.2": {"rows": 7200, "spec": {}, "params": {"prompt_dropout": 0.2}},
+    "r4_width128": {"rows": 7200, "spec": {"n_embd": 128}, "params": {}},
 }
 ROUND2 = ("steps1000_lr6e-3_nodropout", "rows6000_steps1000_lr6e-3_nodropout", "rows6000_steps1000_lr6e-3")
 ROUND3 = ("r3_reference", "r3_dropout0.1", "r3_smoothing0.1", "r3_width128", "r3_smoothing0.2")
+ROUND4 = ("r4_reference", "r4_qdrop0.1", "r4_qdrop0.2", "r4_width128")
 
 
 def objective(figures: Mapping[str, Any]) -> float:
@@ -211,7 +218,9 @@ def run_sweep(
 def main() -> None:
     """Run the sweep and record it in ``benchmarks/results/sweep.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", default="all", help="comma-separated trial names, all, round2 or round3")
+    parser.add_argument(
+        "--trials", default="all", help="comma-separated trial names, all, or round2 to round4"
+    )
     parser.add_argument("--rows", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", type=Path, default=None, help="keep the MLflow store here (default: temp)")
@@ -219,7 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    names = {"all": list(TRIALS), "round2": list(ROUND2), "round3": list(ROUND3)}.get(
+    names = {"all": list(TRIALS), "round2": list(ROUND2), "round3": list(ROUND3), "round4": list(ROUND4)}.get(
         args.trials
     ) or args.trials.split(",")
     chosen = {n: TRIALS[n] for n in names}

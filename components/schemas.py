@@ -98,6 +98,13 @@ class TrainParams(_Record):
     label_smoothing: float = Field(
         0.1, ge=0, lt=1, description="Share of each target token's probability spread over the vocabulary."
     )
+    prompt_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Chance that training drops each token of a question (drawn again every step), "
+        "so no single word or phrase carries an intent.",
+    )
     max_seq_len: int = Field(256, ge=16, le=8192)
     workers: int = Field(2, ge=1, le=256)
     cpu_threads: int | None = Field(

@@ -54,6 +54,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    question: tuple[int, int] = (0, 0)  # where the customer's words lie in ``input_ids``
 
 
 def build_examples(
@@ -73,20 +74,44 @@ def build_examples(
     Returns:
         Examples in the order of ``rows``.
     """
-    from components.prompt import format_example
+    from components.prompt import PROMPT_TEMPLATE, format_example
 
     pairs = [format_example(r["prompt"], r["response"], tokenizer.eos_token) for r in rows]
     if not pairs:
         return []
     contexts = tokenizer([c for c, _ in pairs], add_special_tokens=True)["input_ids"]
     targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    head, tail = PROMPT_TEMPLATE.split("{prompt}")
+    head_ids = list(tokenizer(head, add_special_tokens=True)["input_ids"])
+    tail_ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"])
     examples = []
     for ctx, tgt in zip(contexts, targets, strict=True):
         ids = (list(ctx) + list(tgt))[:max_seq_len]
         labels = ([IGNORE_INDEX] * len(ctx) + list(tgt))[:max_seq_len]
         if any(label != IGNORE_INDEX for label in labels[1:]):
-            examples.append(Example(ids, labels))
+            end = len(ctx) - len(tail_ids)
+            framed = ctx[: len(head_ids)] == head_ids and ctx[end:] == tail_ids and len(ids) > len(ctx)
+            examples.append(Example(ids, labels, (len(head_ids), end) if framed else (0, 0)))
     return examples
+
+
+def drop_question_tokens(example: Example, p: float, rng: random.Random) -> Example:
+    """The example with each token of its question dropped with chance ``p`` (at least one stays).
+
+    The template around the question and the target are kept whole, so the model still learns
+    the full answer from a question with words missing.
+    """
+    start, end = example.question
+    if p <= 0 or end - start < 2:
+        return example
+    kept = [t for t in example.input_ids[start:end] if rng.random() >= p]
+    if not kept:
+        kept = [example.input_ids[start + rng.randrange(end - start)]]
+    return Example(
+        example.input_ids[:start] + kept + example.input_ids[end:],
+        example.labels[:start] + [IGNORE_INDEX] * len(kept) + example.labels[end:],
+        (start, start + len(kept)),
+    )
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -591,14 +616,15 @@ def _restore(
 def _micro_batches(job: _Job, schedule: BatchSchedule, step: int) -> list[dict[str, torch.Tensor]]:
     """The ``grad_accum`` micro-batches of optimizer step ``step`` (1-based), on the job's device."""
     first = (step - 1) * job.params.grad_accum
-    pad_id = job.tokenizer.pad_token_id
-    return [
-        {
-            k: v.to(job.device, non_blocking=True)
-            for k, v in collate([job.train_ex[i] for i in schedule.micro_batch(first + j)], pad_id).items()
-        }
-        for j in range(job.params.grad_accum)
-    ]
+    pad_id, p = job.tokenizer.pad_token_id, job.params.prompt_dropout
+    batches = []
+    for j in range(job.params.grad_accum):
+        examples = [job.train_ex[i] for i in schedule.micro_batch(first + j)]
+        if p:  # drawn from the micro-batch's position, so a resumed run drops the same tokens
+            rng = random.Random(f"{job.params.seed}:{schedule.rank}:{first + j}")
+            examples = [drop_question_tokens(e, p, rng) for e in examples]
+        batches.append({k: v.to(job.device, non_blocking=True) for k, v in collate(examples, pad_id).items()})
+    return batches
 
 
 def _train_steps(

@@ -70,6 +70,34 @@ def test_truncation_keeps_max_seq_len_and_drops_examples_without_target(tokenize
     assert build_examples([long_row], tokenizer, max_seq_len=prompt_len) == []
 
 
+def test_question_dropout_drops_only_question_tokens_and_repeats_from_its_seed(tokenizer):
+    import random
+
+    from components.prompt import normalize_prompt
+    from components.trainloop import IGNORE_INDEX, build_examples, drop_question_tokens
+
+    for row, ex in zip(ROWS, build_examples(ROWS, tokenizer, max_seq_len=128), strict=True):
+        start, end = ex.question
+        assert tokenizer.decode(ex.input_ids[start:end]) == normalize_prompt(row["prompt"])
+        assert drop_question_tokens(ex, 0.0, random.Random(0)) is ex
+        dropped = drop_question_tokens(ex, 0.5, random.Random(7))
+        assert dropped == drop_question_tokens(ex, 0.5, random.Random(7))
+        d_start, d_end = dropped.question
+        kept = dropped.input_ids[d_start:d_end]
+        assert d_start == start and 0 < len(kept) < end - start
+        # What stays is the question's tokens in order; template and target are untouched.
+        rest = iter(ex.input_ids[start:end])
+        assert all(token in rest for token in kept)
+        assert dropped.input_ids[:start] == ex.input_ids[:start]
+        assert dropped.input_ids[d_end:] == ex.input_ids[end:]
+        assert dropped.labels == ex.labels[:start] + [IGNORE_INDEX] * len(kept) + ex.labels[end:]
+        # Even when every token draws a drop, one stays.
+        assert (
+            len(drop_question_tokens(ex, 0.999, random.Random(0)).input_ids)
+            == len(ex.input_ids) - (end - start) + 1
+        )
+
+
 def test_label_smoothing_mixes_the_target_with_the_uniform_distribution(tokenizer, base_model_dir):
     import torch
     import torch.nn.functional as F  # noqa: N812
