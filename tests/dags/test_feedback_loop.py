@@ -76,7 +76,7 @@ def test_feedback_loop_skips_fails_then_publishes_without_losing_feedback(flywhe
     from components.settings import Settings
 
     settings = Settings()
-    parent = pipeline.seed(settings, rows=240)
+    parent = pipeline.seed(settings, rows=600)
     ids = _feedback(settings)
     dag = load_dag("feedback_loop")
     before = len(_asset_events())

@@ -31,7 +31,7 @@ def seeded(flywheel_env):
     from components.settings import Settings
 
     settings = Settings()
-    return settings, pipeline.seed(settings, rows=240)
+    return settings, pipeline.seed(settings, rows=600)
 
 
 def test_rejected_then_promoted_with_one_version(seeded):

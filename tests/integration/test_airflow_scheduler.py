@@ -62,9 +62,9 @@ def airflow_stack(
     # Far beyond the seeded rows: validate rejects the dataset, so the run ends without training.
     monkeypatch.setenv("FLYWHEEL_MIN_TRAIN_ROWS", "100000")
     settings = Settings()
-    named = pipeline.seed(settings, rows=240)
+    named = pipeline.seed(settings, rows=600)
     # A newer snapshot: the one a run would take without the event's sha256.
-    newest = pipeline.seed(settings, rows=240, seed=1)
+    newest = pipeline.seed(settings, rows=600, seed=1)
     assert pipeline.resolve_dataset(settings, None).sha256 == newest.sha256 != named.sha256
     api = None
     try:

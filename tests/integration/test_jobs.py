@@ -59,7 +59,7 @@ def cluster_settings(tmp_path_factory: pytest.TempPathFactory, base_model_dir: P
 def tiny_ref(cluster_settings) -> DatasetRef:
     from components.data import generate_corpus, snapshot
 
-    return snapshot(generate_corpus(rows=240), cluster_settings.datasets_dir)
+    return snapshot(generate_corpus(rows=600), cluster_settings.datasets_dir)
 
 
 def _jobs_of(settings, ref: DatasetRef, params: TrainParams) -> dict[str, str]:

@@ -48,7 +48,7 @@ def _flywheel(
 
 
 def _seeded_home(home: Path, env: dict[str, str]) -> Path:
-    done = _flywheel(home, "data", "seed", "--rows", "240", env=env, timeout=120)
+    done = _flywheel(home, "data", "seed", "--rows", "600", env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     params = home.parent / "params.json"
     params.write_text(json.dumps(PARAMS))

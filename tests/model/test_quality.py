@@ -118,7 +118,7 @@ def test_sweep_records_a_parent_run_with_a_child_run_per_trial(tmp_path, monkeyp
         "params": {"max_steps": 2, "eval_every": 0},
     }
     record = sweep.run_sweep(
-        tmp_path / "home", {"a": tiny, "b": tiny | {"params": {"max_steps": 3}}}, rows=240
+        tmp_path / "home", {"a": tiny, "b": tiny | {"params": {"max_steps": 3}}}, rows=600
     )
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")

@@ -222,10 +222,11 @@ def test_any_number_of_templates_per_intent(tmp_path):
 
     sources = {split: {r.source for r in rows} for split, rows in corpus.items()}
     returns = {split: sorted(s for s in found if "/returns/" in s) for split, found in sources.items()}
+    n_eval, n_holdout = len(spec.intents["returns"].eval), len(spec.intents["returns"].holdout)
     assert returns == {
         "train": [f"corpus/returns/t{t:02d}" for t in range(5)],
-        "eval": [f"corpus/returns/t{t:02d}" for t in range(5, 8)],
-        "holdout": [f"corpus/returns/t{t:02d}" for t in range(8, 11)],
+        "eval": [f"corpus/returns/t{t:02d}" for t in range(5, 5 + n_eval)],
+        "holdout": [f"corpus/returns/t{t:02d}" for t in range(5 + n_eval, 5 + n_eval + n_holdout)],
     }
     payment = {split: len([s for s in found if "/payment/" in s]) for split, found in sources.items()}
     assert payment == {s: len(getattr(spec.intents["payment"], s)) for s in SPLITS}
@@ -242,13 +243,13 @@ def test_a_third_policy_version_is_a_data_change(tmp_path):
     spec = data.load_corpus(folder)
 
     assert data.policy_versions(spec)[-1] == "v3" and data.policy_versions(spec)[:2] == ("v1", "v2")
-    v3 = generate_corpus(rows=240, policy_version="v3", seed=0, spec=spec)
+    v3 = generate_corpus(rows=600, policy_version="v3", seed=0, spec=spec)
     returns = [r for rows in v3.values() for r in rows if r.intent == "returns"]
     assert returns and all("90 days" in r.response and r.policy_version == "v3" for r in returns)
     ref = snapshot(v3, tmp_path / "datasets")
     assert ref.policy_version == "v3"
     with pytest.raises(NotFound):
-        generate_corpus(rows=240, policy_version="v3")  # the shipped data knows no v3
+        generate_corpus(rows=600, policy_version="v3")  # the shipped data knows no v3
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def users(store: FeedbackStore) -> Users:
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory: pytest.TempPathFactory):
-    return snapshot(generate_corpus(rows=240, policy_version="v1", seed=0), tmp_path_factory.mktemp("parent"))
+    return snapshot(generate_corpus(rows=600, policy_version="v1", seed=0), tmp_path_factory.mktemp("parent"))
 
 
 def _build(store: FeedbackStore, parent, tmp_path: Path, **policy):
