@@ -412,7 +412,7 @@ def _set_threads(model: PreTrainedModel) -> None:
     """One intra-op thread for a small model on CPU, set once at load.
 
     Decoding a small model is a long chain of tiny ops: extra threads only add synchronization
-    (measured here: 200 answers of a ~0.5 M-parameter model take 2 s on one thread, 5-15 s
+    (measured here: 200 answers of the ~0.5 M-parameter base model take 2 s on one thread, 5-15 s
     on two when the cores are shared).
     """
     import torch
