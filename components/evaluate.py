@@ -82,6 +82,7 @@ class _Model:
     uri: str  # what to load (a registry reference is pinned to its version first)
     label: str  # what the caller named
     version: str | None
+    label_smoothing: float | None = None  # of the version's training run
 
 
 def evaluate(
@@ -396,7 +397,22 @@ def _pin(ref: str, settings: Settings) -> _Model:
     from components.predict import resolve_model
 
     uri, version = resolve_model(ref, settings)
-    return _Model(uri=uri, label=ref, version=version)
+    return _Model(uri=uri, label=ref, version=version, label_smoothing=_label_smoothing(version, settings))
+
+
+def _label_smoothing(version: str | None, settings: Settings) -> float | None:
+    """The label smoothing a registered version was trained with (None: not a flywheel training run).
+
+    A flywheel run from before the setting existed logged no such param: it trained without.
+    """
+    if version is None:
+        return None
+    client = tracking_client(settings)
+    run_id = client.get_model_version(settings.model_name, version).run_id
+    params = client.get_run(run_id).data.params if run_id else {}
+    if "label_smoothing" in params:
+        return float(params["label_smoothing"])
+    return 0.0 if "max_steps" in params else None
 
 
 def _score(
@@ -469,6 +485,7 @@ def _score_loaded(
     scores = ModelScores(
         model=target.label,
         version=target.version,
+        label_smoothing=target.label_smoothing,
         eval_loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         fact_accuracy=statistics.fmean(facts_ok) if facts_ok else 0.0,

@@ -130,9 +130,20 @@ def _verdict(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'} {text}"
 
 
+# Losses of models trained with different label smoothing differ by design, not by quality: a
+# smoothed model is less sure of every token (the answer metrics still compare the two).
+LOSS_METRICS = frozenset({"eval_loss", "perplexity"})
+
+
 def _regression(metric: str, threshold: MetricThreshold, cand: ModelScores, champ: ModelScores) -> Check:
     new, old = getattr(cand, metric), getattr(champ, metric)
     name = f"regression.{metric}"
+    smoothing = (cand.label_smoothing, champ.label_smoothing)
+    if metric in LOSS_METRICS and None not in smoothing and smoothing[0] != smoothing[1]:
+        text = (
+            f"{metric}: not compared, trained with label smoothing {smoothing[0]} vs champion {smoothing[1]}"
+        )
+        return Check(name, True, _verdict(True, text))
     if new is None and old is not None:
         # The champion was measured on it and the candidate was not: nothing shows it held up.
         return Check(name, False, _verdict(False, f"{metric}: measured for the champion only"))

@@ -182,6 +182,9 @@ class ModelScores(_Record):
 
     model: str = Field(description="Model URI or local folder that was scored.")
     version: str | None = Field(None, description="Registry version, when the model was named through it.")
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=1, description="Label smoothing of the version's training run; None: not known."
+    )
     eval_loss: float = Field(description="Mean loss per response token (prompt masked, as in training).")
     perplexity: float
     fact_accuracy: float = Field(ge=0, le=1, description="Share of answers that state every required fact.")

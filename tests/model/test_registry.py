@@ -80,7 +80,7 @@ def test_promotion_is_gated_idempotent_and_reversible(
     trained_v1, undertrained_v1, trained_v2, seed_ref, v2_ref, registry_settings
 ):
     from components import predict, registry
-    from components.schemas import GenerationParams, PromotionGate
+    from components.schemas import GenerationParams, PromotionGate, TrainParams
 
     settings, gate = registry_settings, PromotionGate(**GATE)
 
@@ -89,6 +89,8 @@ def test_promotion_is_gated_idempotent_and_reversible(
     with pytest.raises(registry.EvaluationNotFound):
         registry.promote(v1, gate, settings)
     report = _evaluate(v1, seed_ref, settings)
+    # The report says how the version was trained (the gate compares losses only between like runs).
+    assert report.candidate.label_smoothing == TrainParams().label_smoothing == 0.1
     registry.record_evaluation(v1, report, settings)
     decision = registry.promote(v1, gate, settings)
     assert decision.promoted and decision.previous_champion is None, decision.reasons

@@ -61,6 +61,35 @@ CASES = [
     # lower is better: a rise within the limit passes, beyond it fails; a fall is an improvement
     ("eval loss rise within limit", {"eval_loss": 1.04}, _scores("1"), "1", set()),
     ("eval loss rise beyond limit", {"eval_loss": 1.06}, _scores("1"), "1", {"regression.eval_loss"}),
+    # losses compare only between models trained with the same label smoothing
+    (
+        "eval loss rise with smoothing on both",
+        {"eval_loss": 1.2, "label_smoothing": 0.1},
+        _scores("1", label_smoothing=0.1),
+        "1",
+        {"regression.eval_loss"},
+    ),  # fmt: skip
+    (
+        "eval loss rise of a smoothed candidate over an unsmoothed champion",
+        {"eval_loss": 1.2, "label_smoothing": 0.1},
+        _scores("1", label_smoothing=0.0),
+        "1",
+        set(),
+    ),  # fmt: skip
+    (
+        "smoothing differs but accuracy still regresses",
+        {"eval_loss": 1.2, "label_smoothing": 0.1, "fact_accuracy": 0.7},
+        _scores("1", label_smoothing=0.0),
+        "1",
+        {"regression.fact_accuracy"},
+    ),  # fmt: skip
+    (
+        "smoothing unknown for the champion",
+        {"eval_loss": 1.2, "label_smoothing": 0.1},
+        _scores("1"),
+        "1",
+        {"regression.eval_loss"},
+    ),  # fmt: skip
     ("latency rise beyond limit", {"latency_ms_p50": 15.5}, _scores("1"), "1", {"regression.latency_ms_p50"}),
     ("latency fall", {"latency_ms_p50": 1.0}, _scores("1"), "1", set()),
     (
