@@ -59,6 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--no-base", action="store_true", help="skip the from-the-base-model variant")
     parser.add_argument("--rows", type=int, default=400, help="eval and holdout rows scored (evenly spread)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the champion and every variant")
     parser.add_argument("--out", type=Path, default=RESULTS / "retrain.json")
     args = parser.parse_args()
 
@@ -77,7 +78,9 @@ def main() -> None:
     rows = []
     try:
         started = time.perf_counter()
-        champion = pipeline.train_and_register(settings, pipeline.seed(settings, BASE_POLICY), TrainParams())
+        champion = pipeline.train_and_register(
+            settings, pipeline.seed(settings, BASE_POLICY), TrainParams(seed=args.seed)
+        )
         v1_seconds = time.perf_counter() - started
         client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
         client.set_registered_model_alias(settings.model_name, "champion", champion.version)
@@ -92,7 +95,8 @@ def main() -> None:
         ]
         for kind, fields, init_from in variants:
             started = time.perf_counter()
-            outcome = pipeline.train_and_register(settings, new, TrainParams(**fields), init_from=init_from)
+            params = TrainParams(**{"seed": args.seed, **fields})
+            outcome = pipeline.train_and_register(settings, new, params, init_from=init_from)
             seconds = time.perf_counter() - started
             label = f"{kind} {json.dumps(fields, sort_keys=True)}" if fields else kind
             rows.append(
@@ -114,6 +118,7 @@ def main() -> None:
             {
                 "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+                "seed": args.seed,
                 "changed_intents": sorted(changed),
                 "rows": rows,
                 "best_on_eval": best["variant"],
