@@ -60,12 +60,19 @@ def main() -> None:
     parser.add_argument("--no-base", action="store_true", help="skip the from-the-base-model variant")
     parser.add_argument("--rows", type=int, default=400, help="eval and holdout rows scored (evenly spread)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the champion and every variant")
+    parser.add_argument(
+        "--base-spec",
+        type=json.loads,
+        default=None,
+        help="BaseModelSpec fields of the champion's base (JSON)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "retrain.json")
     args = parser.parse_args()
 
     from mlflow import MlflowClient
 
     from components import pipeline
+    from components.base_model import BaseModelSpec, init_base
     from components.data import load_corpus, read_split
     from components.demo import BASE_POLICY, NEW_POLICY, changed_intents
     from components.schemas import TrainParams
@@ -78,8 +85,11 @@ def main() -> None:
     rows = []
     try:
         started = time.perf_counter()
+        base = None
+        if args.base_spec:
+            base = str(init_base(work / "base", seed=0, spec=BaseModelSpec(**args.base_spec)))
         champion = pipeline.train_and_register(
-            settings, pipeline.seed(settings, BASE_POLICY), TrainParams(seed=args.seed)
+            settings, pipeline.seed(settings, BASE_POLICY), TrainParams(seed=args.seed, base_model=base)
         )
         v1_seconds = time.perf_counter() - started
         client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
@@ -119,6 +129,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
                 "seed": args.seed,
+                "base_spec": args.base_spec,
                 "changed_intents": sorted(changed),
                 "rows": rows,
                 "best_on_eval": best["variant"],
