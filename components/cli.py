@@ -224,7 +224,11 @@ def data_seed(
     ctx: typer.Context,
     policy: Annotated[str, typer.Option(help="Policy version the answers state (v1, v2, …).")] = "v1",
     rows: Annotated[
-        int, typer.Option(min=227, help="Total rows across the train/eval/holdout splits.")
+        int,
+        typer.Option(
+            min=1,
+            help="Total rows across the train/eval/holdout splits (at least one per held-out wording).",
+        ),
     ] = 7200,
     seed: Annotated[int | None, typer.Option(help="Generator seed (default: FLYWHEEL_SEED).")] = None,
     as_json: JsonOpt = False,
