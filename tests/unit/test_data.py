@@ -272,8 +272,8 @@ def test_a_third_policy_version_is_a_data_change(tmp_path):
         ),
         (
             "intents.yaml",
-            lambda d: d["intents"]["account"]["eval"].append("Where is my {product}?"),
-            ["intents.yaml", "intents.account.eval[3]", "product"],
+            lambda d: d["intents"]["account"]["eval"].insert(0, "Where is my {product}?"),
+            ["intents.yaml", "intents.account.eval[0]", "product"],
         ),
         (
             "intents.yaml",
