@@ -31,7 +31,7 @@ class BaseModelSpec(BaseModel):
     n_embd: int = Field(96, ge=16)
     n_layer: int = Field(3, ge=1)
     n_head: int = Field(4, ge=1)
-    # No dropout: with ~1,500 steps on noisy compositions the model underfits rather than
+    # No dropout: with ~1,000 steps on noisy compositions the model underfits rather than
     # overfits, and dropout slowed down learning to copy product names (benchmarks/sweep.py).
     dropout: float = Field(0.0, ge=0, lt=1, description="Residual, embedding and attention dropout.")
 
