@@ -92,11 +92,18 @@ TRIALS: dict[str, dict[str, Any]] = {
     "r6_reference": {"rows": 7200, "spec": {}, "params": {"max_steps": 1000}},
     "r6_steps1500": {"rows": 7200, "spec": {}, "params": {"max_steps": 1500}},
 }
-ROUND2 = ("steps1000_lr6e-3_nodropout", "rows6000_steps1000_lr6e-3_nodropout", "rows6000_steps1000_lr6e-3")
-ROUND3 = ("r3_reference", "r3_dropout0.1", "r3_smoothing0.1", "r3_width128", "r3_smoothing0.2")
-ROUND4 = ("r4_reference", "r4_qdrop0.1", "r4_qdrop0.2", "r4_width128")
-ROUND5 = ("r5_reference", "r5_steps1500", "r5_steps2000")
-ROUND6 = ("r6_reference", "r6_steps1500")
+# --trials roundN runs one round's trials.
+ROUNDS: dict[str, tuple[str, ...]] = {
+    "round2": (
+        "steps1000_lr6e-3_nodropout",
+        "rows6000_steps1000_lr6e-3_nodropout",
+        "rows6000_steps1000_lr6e-3",
+    ),
+    "round3": ("r3_reference", "r3_dropout0.1", "r3_smoothing0.1", "r3_width128", "r3_smoothing0.2"),
+    "round4": ("r4_reference", "r4_qdrop0.1", "r4_qdrop0.2", "r4_width128"),
+    "round5": ("r5_reference", "r5_steps1500", "r5_steps2000"),
+    "round6": ("r6_reference", "r6_steps1500"),
+}
 
 
 def objective(figures: Mapping[str, Any]) -> float:
@@ -238,7 +245,7 @@ def main() -> None:
     """Run the sweep and record it in ``benchmarks/results/sweep.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--trials", default="all", help="comma-separated trial names, all, or round2 to round6"
+        "--trials", default="all", help=f"comma-separated trial names, all, or one of {', '.join(ROUNDS)}"
     )
     parser.add_argument("--rows", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
@@ -247,14 +254,9 @@ def main() -> None:
     args = parser.parse_args()
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    names = {
-        "all": list(TRIALS),
-        "round2": list(ROUND2),
-        "round3": list(ROUND3),
-        "round4": list(ROUND4),
-        "round5": list(ROUND5),
-        "round6": list(ROUND6),
-    }.get(args.trials) or args.trials.split(",")
+    names = {"all": list(TRIALS), **{r: list(t) for r, t in ROUNDS.items()}}.get(
+        args.trials
+    ) or args.trials.split(",")
     chosen = {n: TRIALS[n] for n in names}
     with tempfile.TemporaryDirectory(prefix="fw-sweep-", dir="/tmp") as tmp:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -227,7 +227,7 @@ def data_seed(
         int,
         typer.Option(
             min=1,
-            help="Total rows across the train/eval/holdout splits (at least one per held-out wording).",
+            help="Total rows across the train/eval/holdout splits (at least one per eval and held-out wording).",
         ),
     ] = 7200,
     seed: Annotated[int | None, typer.Option(help="Generator seed (default: FLYWHEEL_SEED).")] = None,
